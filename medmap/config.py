@@ -1,0 +1,201 @@
+"""Configuration files: organ (task) configs and run configs, stored as YAML data.
+
+Organ configs live in ``medmap/configs/organs/<name>.yaml``; a user adds an organ by
+writing one more file (or passing a path). Run configs (pre-training, fine-tuning,
+synthetic data, encoder architectures) are plain nested dictionaries loaded from YAML,
+with ``key.sub=value`` overrides from the command line.
+
+Example:
+    >>> from medmap.config import load_organ_config
+    >>> cfg = load_organ_config("brain")
+    >>> cfg.modalities
+    ['t1', 't1ce', 't2', 'flair']
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medmap.errors import ConfigError
+
+CONFIG_ROOT = Path(str(resources.files("medmap") / "configs"))
+
+
+@dataclass(frozen=True)
+class OrganConfig:
+    """Everything the data layer and the models need to know about one organ (task).
+
+    Attributes:
+        name: task name, e.g. ``"brain"``.
+        modalities: the modality vocabulary, in the fixed order used for tensors.
+        classes: class names, in the order of label indices.
+        spacing: target voxel spacing in millimetres (RAS x, y, z).
+        roi_size: model input size in voxels after crop and pad/resize.
+        class_prompts: one or more text prompts per class (stage-2 text bank, zero-shot).
+        modality_descriptors: one short text per modality.
+        min_modalities: a study with fewer present modalities is rejected.
+        description: free text.
+    """
+
+    name: str
+    modalities: list[str]
+    classes: list[str]
+    spacing: tuple[float, float, float]
+    roi_size: tuple[int, int, int]
+    class_prompts: dict[str, list[str]] = field(default_factory=dict)
+    modality_descriptors: dict[str, str] = field(default_factory=dict)
+    min_modalities: int = 1
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"organ config '{self.name}'"
+        if not self.modalities:
+            raise ConfigError(f"{where}: 'modalities' must list at least one modality")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"{where}: duplicate modality names in {self.modalities}")
+        if len(self.classes) < 2:
+            raise ConfigError(f"{where}: 'classes' must list at least two classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"{where}: duplicate class names in {self.classes}")
+        if len(self.spacing) != 3 or any(float(s) <= 0 for s in self.spacing):
+            raise ConfigError(f"{where}: 'spacing' must be three positive numbers, got {self.spacing}")
+        if len(self.roi_size) != 3 or any(int(s) <= 0 for s in self.roi_size):
+            raise ConfigError(f"{where}: 'roi_size' must be three positive integers, got {self.roi_size}")
+        unknown = set(self.class_prompts) - set(self.classes)
+        if unknown:
+            raise ConfigError(f"{where}: class_prompts for unknown classes {sorted(unknown)}")
+        unknown = set(self.modality_descriptors) - set(self.modalities)
+        if unknown:
+            raise ConfigError(f"{where}: modality_descriptors for unknown modalities {sorted(unknown)}")
+        if not 1 <= self.min_modalities <= len(self.modalities):
+            raise ConfigError(f"{where}: min_modalities must be between 1 and {len(self.modalities)}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prompts_for(self, cls: str) -> list[str]:
+        """Class prompts, falling back to a generic sentence when none are configured."""
+        return list(self.class_prompts.get(cls) or [f"{self.name} MRI showing {cls}"])
+
+    def descriptor_for(self, modality: str) -> str:
+        return self.modality_descriptors.get(modality) or f"{modality} {self.name} MRI"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing)
+        d["roi_size"] = list(self.roi_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "OrganConfig":
+        required = ("name", "modalities", "classes", "spacing", "roi_size")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"organ config is missing keys {missing}")
+        known = {f for f in cls.__dataclass_fields__}
+        extra = set(d) - known
+        if extra:
+            raise ConfigError(f"organ config '{d.get('name')}' has unknown keys {sorted(extra)}")
+        return cls(
+            name=str(d["name"]),
+            modalities=[str(m) for m in d["modalities"]],
+            classes=[str(c) for c in d["classes"]],
+            spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+            roi_size=tuple(int(s) for s in d["roi_size"]),  # type: ignore[arg-type]
+            class_prompts={str(k): [str(p) for p in v] for k, v in (d.get("class_prompts") or {}).items()},
+            modality_descriptors={str(k): str(v) for k, v in (d.get("modality_descriptors") or {}).items()},
+            min_modalities=int(d.get("min_modalities", 1)),
+            description=str(d.get("description", "")),
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+def builtin_names(kind: str) -> list[str]:
+    """Names of the built-in configs of one kind (``organs``, ``encoders``, ...)."""
+    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path, kind: str) -> Path:
+    """A path to an existing YAML file, or the built-in config of that name."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    builtin = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise ConfigError(
+        f"unknown {kind[:-1] if kind.endswith('s') else kind} config '{name_or_path}'; "
+        f"built-in: {', '.join(builtin_names(kind)) or 'none'}, or give a path to a YAML file"
+    )
+
+
+def load_organ_config(name_or_path: str | Path | OrganConfig) -> OrganConfig:
+    """Load a built-in organ config by name (``brain``, ``liver``) or a YAML file by path."""
+    if isinstance(name_or_path, OrganConfig):
+        return name_or_path
+    return OrganConfig.from_dict(load_yaml(resolve_config_path(name_or_path, "organs")))
+
+
+def load_config(name_or_path: str | Path, kind: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Load a run config (built-in name or path) and apply ``a.b=value`` overrides."""
+    cfg = load_yaml(resolve_config_path(name_or_path, kind))
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``cfg`` with dotted ``key.sub=value`` overrides (values parsed as YAML).
+
+    Example:
+        >>> apply_overrides({"optim": {"lr": 1e-3}}, ["optim.lr=5e-4"])
+        {'optim': {'lr': 0.0005}}
+    """
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
