@@ -1,0 +1,151 @@
+"""Training-only augmentation of a preprocessed study (TorchIO).
+
+The modalities of one study are put into one ``torchio.Subject``, so every *spatial*
+transform (flip, affine) is drawn once and applied identically to all of them: the
+sequences stay co-registered. Missing modalities (``present == False``) are left out of the
+subject and stay all-zero. Intensity transforms (bias field, scale/shift, noise) act on
+present modalities only; scale/shift leaves the zero background untouched.
+
+Never use this in evaluation or prediction: :class:`~medmap.data.dataset.StudyDataset`
+applies it only when given one, and only training code builds one.
+
+Default config (every key optional; ``prob`` is the chance a transform is applied)::
+
+    enabled: true
+    flip:        {prob: 0.5, axes: [0]}        # RAS axis 0 = left-right; set prob 0 for the liver,
+                                               # and when texts name a side (stage-1 pre-training)
+    affine:      {prob: 0.5, degrees: 10, scales: 0.1, translation_mm: 5}
+    bias_field:  {prob: 0.3, coefficients: 0.3}
+    scale_shift: {prob: 0.5, scale: 0.1, shift: 0.1}  # x * U(1 +- scale) + U(+- shift), per modality
+    noise:       {prob: 0.3, std: 0.05}        # Gaussian, std drawn from U(0, std) (z-score units)
+
+Example:
+    >>> augment = build_augmentation({"flip": {"prob": 0.0}}, seed=0)
+    >>> sample = augment(sample)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchio as tio
+
+from medmap.config import deep_merge
+from medmap.errors import ConfigError
+
+DEFAULT_AUGMENTATION: dict[str, Any] = {
+    "enabled": True,
+    "flip": {"prob": 0.5, "axes": [0]},
+    "affine": {"prob": 0.5, "degrees": 10.0, "scales": 0.1, "translation_mm": 5.0},
+    "bias_field": {"prob": 0.3, "coefficients": 0.3},
+    "scale_shift": {"prob": 0.5, "scale": 0.1, "shift": 0.1},
+    "noise": {"prob": 0.3, "std": 0.05},
+}
+
+Sample = dict[str, Any]
+
+
+def _check_keys(cfg: dict[str, Any]) -> None:
+    unknown = set(cfg) - set(DEFAULT_AUGMENTATION)
+    if unknown:
+        raise ConfigError(f"augmentation config: unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_AUGMENTATION)}")
+    for name, sub in cfg.items():
+        if name == "enabled":
+            continue
+        if not isinstance(sub, dict):
+            raise ConfigError(f"augmentation config: '{name}' must be a mapping")
+        extra = set(sub) - set(DEFAULT_AUGMENTATION[name])
+        if extra:
+            raise ConfigError(f"augmentation config '{name}': unknown keys {sorted(extra)}")
+        p = float(sub["prob"])
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augmentation config '{name}.prob' must be in [0, 1], got {p}")
+
+
+class StudyAugmentation:
+    """Callable ``sample -> sample`` augmenting ``images`` of a preprocessed study.
+
+    Reproducible: the random draws of the n-th call depend only on ``seed``, the data-loader
+    worker's seed (when inside a worker) and n; the global RNG state is left untouched.
+
+    Args:
+        cfg: augmentation config (see module docstring), merged over the defaults.
+        seed: base seed.
+    """
+
+    def __init__(self, cfg: dict[str, Any] | None = None, seed: int = 0) -> None:
+        self.cfg = deep_merge(DEFAULT_AUGMENTATION, cfg or {})
+        _check_keys(self.cfg)
+        self.seed = int(seed)
+        self.calls = 0
+        c = self.cfg
+        spatial: list[tio.Transform] = []
+        if c["flip"]["prob"] > 0:
+            spatial.append(tio.RandomFlip(axes=tuple(int(a) for a in c["flip"]["axes"]), flip_probability=float(c["flip"]["prob"])))
+        if c["affine"]["prob"] > 0:
+            a = c["affine"]
+            spatial.append(
+                tio.RandomAffine(
+                    scales=float(a["scales"]),
+                    degrees=float(a["degrees"]),
+                    translation=float(a["translation_mm"]),
+                    default_pad_value=0.0,  # the preprocessed background is 0
+                    p=float(a["prob"]),
+                )
+            )
+        intensity: list[tio.Transform] = []
+        if c["bias_field"]["prob"] > 0:
+            intensity.append(tio.RandomBiasField(coefficients=float(c["bias_field"]["coefficients"]), p=float(c["bias_field"]["prob"])))
+        self._spatial = tio.Compose(spatial) if spatial else None
+        self._bias = tio.Compose(intensity) if intensity else None
+        self._noise = (
+            tio.RandomNoise(std=(0.0, float(c["noise"]["std"])), p=float(c["noise"]["prob"])) if c["noise"]["prob"] > 0 else None
+        )
+
+    def _call_seed(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        worker_seed = int(info.seed) if info is not None else 0
+        digest = hashlib.sha256(f"{self.seed}:{worker_seed}:{self.calls}".encode()).digest()
+        self.calls += 1
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+    def __call__(self, sample: Sample) -> Sample:
+        if not self.cfg["enabled"]:
+            return sample
+        images: torch.Tensor = sample["images"]
+        present = torch.as_tensor(sample["present"], dtype=torch.bool)
+        idx = [int(i) for i in torch.nonzero(present).flatten()]
+        if not idx:
+            return sample
+        seed = self._call_seed()
+        affine = np.asarray(torch.as_tensor(sample["affine"], dtype=torch.float64))
+        out = images.clone()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            subject = tio.Subject({str(i): tio.ScalarImage(tensor=images[i : i + 1].clone(), affine=affine) for i in idx})
+            for t in (self._spatial, self._bias):
+                if t is not None:
+                    subject = t(subject)
+            gen = torch.Generator().manual_seed(seed)
+            ss = self.cfg["scale_shift"]
+            for i in idx:
+                x = subject[str(i)].data[0].to(torch.float32)
+                if ss["prob"] > 0 and torch.rand((), generator=gen) < ss["prob"]:
+                    scale = 1.0 + (2 * torch.rand((), generator=gen) - 1) * float(ss["scale"])
+                    shift = (2 * torch.rand((), generator=gen) - 1) * float(ss["shift"])
+                    x = torch.where(x != 0, x * scale + shift, x)
+                out[i] = x
+            if self._noise is not None:
+                for i in idx:
+                    out[i] = self._noise(out[i : i + 1])[0]
+        result = dict(sample)
+        result["images"] = out.to(images.dtype)
+        return result
+
+
+def build_augmentation(cfg: dict[str, Any] | None, seed: int = 0) -> Callable[[Sample], Sample]:
+    """Build the training augmentation (see :class:`StudyAugmentation`); ``enabled: false`` -> identity."""
+    return StudyAugmentation(cfg, seed=seed)

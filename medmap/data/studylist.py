@@ -1,0 +1,240 @@
+"""The study list: one multi-sequence MRI study per line of a JSON Lines file.
+
+Each line is a JSON object::
+
+    {"study_id": "liver-0007", "patient_id": "P0007", "organ": "liver",
+     "modalities": {"t2wi": "liver-0007/t2wi.nii.gz", "arterial": "liver-0007/arterial.nii.gz"},
+     "findings": {"t2wi": "A 3.1 cm markedly hyperintense ...", "arterial": "..."},
+     "impression": "Simple hepatic cyst in segment VII.",
+     "label": "cyst", "split": "train", "meta": {"...": "anything, e.g. ground truth"}}
+
+``study_id``, ``patient_id``, ``organ`` and ``modalities`` are required; ``findings``,
+``impression``, ``label``, ``split`` and ``meta`` are optional. Relative paths resolve
+against the folder that holds the list. Reading checks structure only; ``medmap validate``
+(:mod:`medmap.data.validate`) also opens every file.
+
+Example:
+    >>> from medmap.data.studylist import read_study_list
+    >>> studies = read_study_list("data/synth/studies.jsonl")  # doctest: +SKIP
+    >>> studies[0].modalities["t1"]                              # doctest: +SKIP
+    PosixPath('/abs/path/data/synth/brain-0000/t1.nii.gz')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from medmap.errors import StudyListError
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("study_id", "patient_id", "organ", "modalities")
+OPTIONAL_KEYS = ("findings", "impression", "label", "split", "meta")
+
+
+@dataclass
+class Study:
+    """One imaging study: co-registered volumes of several modalities plus report text.
+
+    Attributes:
+        study_id: unique id of the study within its list.
+        patient_id: decides splits; a patient never appears in two splits.
+        organ: task name, matching an organ config (``brain``, ``liver``, ...).
+        modalities: modality name -> absolute path of a 3D NIfTI file.
+        findings: modality name -> findings text describing that sequence.
+        impression: overall impression text.
+        label: class name for the organ's task, or ``None`` when unlabelled.
+        split: ``train``, ``val``, ``test`` or ``None``.
+        meta: free-form extra data (e.g. the synthetic generator's ground truth).
+    """
+
+    study_id: str
+    patient_id: str
+    organ: str
+    modalities: dict[str, Path]
+    findings: dict[str, str] = field(default_factory=dict)
+    impression: str = ""
+    label: str | None = None
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """A JSON-ready dict; paths are written relative to ``relative_to`` when inside it."""
+        mods: dict[str, str] = {}
+        for m, p in self.modalities.items():
+            p = Path(p)
+            if relative_to is not None:
+                try:
+                    p = p.resolve().relative_to(Path(relative_to).resolve())
+                except ValueError:
+                    pass
+            mods[m] = p.as_posix()
+        d: dict[str, Any] = {
+            "study_id": self.study_id,
+            "patient_id": self.patient_id,
+            "organ": self.organ,
+            "modalities": mods,
+            "findings": dict(self.findings),
+            "impression": self.impression,
+        }
+        if self.label is not None:
+            d["label"] = self.label
+        if self.split is not None:
+            d["split"] = self.split
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+
+def _parse_line(obj: Any, where: str, base: Path) -> Study:
+    if not isinstance(obj, dict):
+        raise StudyListError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise StudyListError(f"{where}: missing required key(s) {', '.join(missing)}")
+    unknown = set(obj) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS)
+    if unknown:
+        raise StudyListError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for k in ("study_id", "patient_id", "organ"):
+        if not isinstance(obj[k], str) or not obj[k].strip():
+            raise StudyListError(f"{where}: '{k}' must be a non-empty string")
+    mods = obj["modalities"]
+    if not isinstance(mods, dict) or not mods:
+        raise StudyListError(f"{where}: 'modalities' must be a non-empty object of modality -> path")
+    paths: dict[str, Path] = {}
+    for m, p in mods.items():
+        if not isinstance(p, str) or not p:
+            raise StudyListError(f"{where}: path of modality '{m}' must be a non-empty string")
+        path = Path(os.path.expanduser(p))
+        paths[str(m)] = path if path.is_absolute() else (base / path)
+    findings = obj.get("findings") or {}
+    if not isinstance(findings, dict) or not all(isinstance(v, str) for v in findings.values()):
+        raise StudyListError(f"{where}: 'findings' must be an object of modality -> text")
+    impression = obj.get("impression") or ""
+    if not isinstance(impression, str):
+        raise StudyListError(f"{where}: 'impression' must be a string")
+    label = obj.get("label")
+    if label is not None and not isinstance(label, str):
+        raise StudyListError(f"{where}: 'label' must be a string (a class name) or null")
+    split = obj.get("split")
+    if split is not None and split not in SPLITS:
+        raise StudyListError(f"{where}: 'split' must be one of {', '.join(SPLITS)} or null, got {split!r}")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise StudyListError(f"{where}: 'meta' must be an object")
+    return Study(
+        study_id=obj["study_id"],
+        patient_id=obj["patient_id"],
+        organ=obj["organ"],
+        modalities=paths,
+        findings={str(k): v for k, v in findings.items()},
+        impression=impression,
+        label=label,
+        split=split,
+        meta=meta,
+    )
+
+
+def iter_study_lines(path: str | Path) -> Iterator[tuple[int, Study | StudyListError]]:
+    """Parse a study list line by line without stopping at the first bad line.
+
+    Used by ``medmap validate`` to report every malformed line. Blank lines are skipped;
+    duplicate study ids are *not* checked here.
+
+    Yields:
+        ``(line_number, Study)`` for a good line, ``(line_number, StudyListError)`` for a
+        malformed one (the error message names the file and line).
+
+    Raises:
+        StudyListError: the file is missing or not UTF-8 text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyListError(f"study list not found: {path}")
+    base = path.resolve().parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyListError(f"{path}: not a UTF-8 text file ({e})") from e
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield lineno, StudyListError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        try:
+            yield lineno, _parse_line(obj, where, base)
+        except StudyListError as e:
+            yield lineno, e
+
+
+def read_study_list(path: str | Path, organ: str | None = None, split: str | None = None) -> list[Study]:
+    """Read and structurally check a study list.
+
+    Args:
+        path: the ``.jsonl`` file.
+        organ: keep only studies of this organ.
+        split: keep only studies of this split.
+
+    Raises:
+        StudyListError: the file is missing, empty, not JSON Lines, has a malformed line, or
+            repeats a study id. The message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyListError(f"study list not found: {path}")
+    base = path.resolve().parent
+    studies: list[Study] = []
+    seen: dict[str, int] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyListError(f"{path}: not a UTF-8 text file ({e})") from e
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StudyListError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        study = _parse_line(obj, where, base)
+        if study.study_id in seen:
+            raise StudyListError(
+                f"{where}: duplicate study_id '{study.study_id}' (first on line {seen[study.study_id]})"
+            )
+        seen[study.study_id] = lineno
+        studies.append(study)
+    if not studies:
+        raise StudyListError(f"study list {path} contains no studies")
+    if organ is not None:
+        studies = [s for s in studies if s.organ == organ]
+    if split is not None:
+        studies = [s for s in studies if s.split == split]
+    return studies
+
+
+def write_study_list(studies: Iterable[Study], path: str | Path) -> Path:
+    """Write studies as JSON Lines atomically; paths inside the list's folder become relative."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.resolve().parent
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for s in studies:
+                f.write(json.dumps(s.to_json(relative_to=base), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

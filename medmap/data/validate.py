@@ -1,0 +1,310 @@
+"""Checks of a study list and of every volume it names (``medmap validate``).
+
+Two reusable pieces live here:
+
+* :func:`check_volume` opens one NIfTI file and raises :class:`~medmap.errors.VolumeError`
+  with a specific message when it cannot be used. Preprocessing (and so training,
+  evaluation and prediction) calls the same function, so bad input gives the same clear
+  error everywhere.
+* :func:`check_same_grid` enforces the co-registration rule for the modalities of one
+  study: **same voxel grid**, i.e. the same shape and affines that agree to within 5% of a
+  voxel at every corner of the grid. Preprocessing crops all modalities with one joint
+  foreground box, which is only meaningful when they share a grid; resample
+  co-registered sequences to a common grid before listing them.
+
+:func:`validate_study_list` runs every check on a list and returns all problems found,
+instead of stopping at the first one.
+
+Example:
+    >>> from medmap.data.validate import validate_study_list
+    >>> for problem in validate_study_list("studies.jsonl"):  # doctest: +SKIP
+    ...     print(problem)
+    studies.jsonl:3: study 'brain-0002': modality 'flair': file not found: /data/brain-0002/flair.nii.gz
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import nibabel as nib
+import numpy as np
+
+from medmap.config import OrganConfig, load_organ_config
+from medmap.errors import ConfigError, StudyListError, VolumeError
+from medmap.data.studylist import Study, iter_study_lines
+
+#: Grids of two modalities "coincide" when their voxel corners are this many voxels apart at most.
+GRID_TOLERANCE_VOXELS = 0.05
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found by :func:`validate_study_list`.
+
+    Attributes:
+        source: the study list file.
+        line: 1-based line number in the list, or ``None`` for list-wide problems.
+        study_id: the study concerned, when known.
+        message: what is wrong, specific enough to fix it.
+    """
+
+    source: str
+    line: int | None
+    study_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        who = f" study '{self.study_id}':" if self.study_id else ""
+        return f"{where}:{who} {self.message}"
+
+
+def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:  # e.g. (X, Y, Z, 1) written by some tools
+        shape = shape[:-1]
+    return shape
+
+
+def check_volume(path: str | Path) -> nib.Nifti1Image:
+    """Open a NIfTI volume and check that it can be used as one MRI sequence.
+
+    Checks, in order: the file exists; nibabel can read it as NIfTI; it is 3D (trailing
+    singleton dimensions are dropped) with at least 2 voxels along each axis; the affine is
+    finite and not singular; the voxel data can be read completely (catches truncated and
+    corrupt files); no voxel is NaN or infinite; the volume is not constant.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        A 3D ``Nifti1Image`` holding the voxel data as float32 in memory and the file's
+        affine, ready for preprocessing (the file is not read again).
+
+    Raises:
+        VolumeError: with a message naming the file and the problem.
+
+    Example:
+        >>> img = check_volume("brain-0000/t1.nii.gz")  # doctest: +SKIP
+        >>> img.shape
+        (182, 218, 182)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{path}: file not found")
+    if not path.is_file():
+        raise VolumeError(f"{path}: not a file")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many kinds for unreadable headers
+        raise VolumeError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    shape = _squeeze_to_3d(img.shape)
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: not a 3D volume (shape {tuple(img.shape)}); give one 3D volume per modality")
+    if min(shape) < 2:
+        raise VolumeError(f"{path}: not a 3D volume (shape {tuple(img.shape)} has a single-voxel axis)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise VolumeError(f"{path}: the affine (voxel-to-world matrix) has NaN or infinite entries")
+    linear = affine[:3, :3]
+    sizes = np.linalg.norm(linear, axis=0)
+    if np.any(sizes < 1e-6) or abs(np.linalg.det(linear)) < 1e-9 * float(np.prod(np.maximum(sizes, 1e-6))):
+        raise VolumeError(
+            f"{path}: the affine is singular (voxel sizes {np.round(sizes, 6).tolist()}); "
+            "the header's sform/qform does not define a valid voxel grid"
+        )
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except (EOFError, OSError, ValueError, zlib.error, MemoryError) as e:
+        raise VolumeError(f"{path}: voxel data cannot be read; the file is truncated or corrupt ({e})") from e
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise VolumeError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise VolumeError(f"{path}: the volume is constant (every voxel is {lo:g}); it holds no image")
+    out = nib.Nifti1Image(data, affine)
+    return out
+
+
+def _corners(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    return (affine @ idx.T).T[:, :3]
+
+
+def check_same_grid(grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]]) -> None:
+    """Check that the modalities of one study share one voxel grid.
+
+    The rule: identical shapes, and voxel corners that map to world positions no more than
+    ``GRID_TOLERANCE_VOXELS`` (5%) of the smallest voxel apart. Because the affine is linear,
+    agreeing at the 8 corners bounds the disagreement at every voxel.
+
+    Args:
+        grids: modality name -> ``(shape, affine)``; the first entry is the reference.
+
+    Raises:
+        VolumeError: naming the two modalities and how their grids differ.
+    """
+    items = list(grids.items())
+    if len(items) < 2:
+        return
+    ref_name, (ref_shape, ref_aff) = items[0]
+    ref_shape = tuple(ref_shape)[:3]
+    ref_aff = np.asarray(ref_aff, dtype=np.float64)
+    voxel = float(np.linalg.norm(ref_aff[:3, :3], axis=0).min())
+    for name, (shape, aff) in items[1:]:
+        shape = tuple(shape)[:3]
+        if shape != ref_shape:
+            raise VolumeError(
+                f"modalities '{ref_name}' and '{name}' are not on the same voxel grid "
+                f"(shape {ref_shape} vs {shape}); resample co-registered sequences to one grid"
+            )
+        dist = float(np.linalg.norm(_corners(shape, ref_aff) - _corners(shape, np.asarray(aff, np.float64)), axis=1).max())
+        if dist > GRID_TOLERANCE_VOXELS * voxel:
+            raise VolumeError(
+                f"modalities '{ref_name}' and '{name}' are not on the same voxel grid "
+                f"(their affines place grid corners up to {dist:.3g} mm apart); "
+                "resample co-registered sequences to one grid"
+            )
+
+
+def _resolve_organ_configs(organ_configs: Iterable[OrganConfig | str | Path] | Mapping[str, OrganConfig] | None) -> dict[str, OrganConfig]:
+    if organ_configs is None:
+        return {}
+    if isinstance(organ_configs, Mapping):
+        return {name: load_organ_config(cfg) for name, cfg in organ_configs.items()}
+    out: dict[str, OrganConfig] = {}
+    for item in organ_configs:
+        cfg = load_organ_config(item)
+        out[cfg.name] = cfg
+    return out
+
+
+def validate_study_list(
+    path: str | Path,
+    organ_configs: Iterable[OrganConfig | str | Path] | Mapping[str, OrganConfig] | None = None,
+    check_files: bool = True,
+) -> list[Problem]:
+    """Check a study list and every file it names; return all problems found.
+
+    Checked per line: valid JSON with the study-list structure, unique ``study_id``, a known
+    organ, modalities and label known to the organ config, at least ``min_modalities``
+    modalities, every volume usable (:func:`check_volume`) and all volumes of the study on
+    one voxel grid (:func:`check_same_grid`). Across lines: no patient in two splits.
+
+    Args:
+        path: the ``.jsonl`` study list.
+        organ_configs: organ configs (objects, built-in names or YAML paths, or a mapping
+            name -> config). Organs not given here are looked up among the built-in configs.
+        check_files: open every volume (the default); ``False`` checks the list only.
+
+    Returns:
+        Problems in line order (list-wide problems last); empty when the list is valid.
+
+    Raises:
+        StudyListError: the list file itself is missing or not UTF-8 text.
+        ConfigError: a given organ config cannot be loaded.
+    """
+    path = Path(path)
+    source = str(path)
+    configs = _resolve_organ_configs(organ_configs)
+    unknown_organs: set[str] = set()
+    problems: list[Problem] = []
+    seen_ids: dict[str, int] = {}
+    patient_splits: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    volume_results: dict[Path, tuple[tuple[int, ...], np.ndarray] | VolumeError] = {}
+    n_studies = 0
+
+    def organ_config(name: str) -> OrganConfig | None:
+        if name not in configs and name not in unknown_organs:
+            try:
+                configs[name] = load_organ_config(name)
+            except ConfigError:
+                unknown_organs.add(name)
+        return configs.get(name)
+
+    for lineno, item in iter_study_lines(path):
+        if isinstance(item, StudyListError):
+            msg = str(item)
+            prefix = f"{path}:{lineno}: "
+            problems.append(Problem(source, lineno, None, msg[len(prefix):] if msg.startswith(prefix) else msg))
+            continue
+        study: Study = item
+        n_studies += 1
+
+        def report(message: str) -> None:
+            problems.append(Problem(source, lineno, study.study_id, message))
+
+        if study.study_id in seen_ids:
+            report(f"duplicate study_id (first on line {seen_ids[study.study_id]})")
+        else:
+            seen_ids[study.study_id] = lineno
+        if study.split is not None:
+            patient_splits[study.patient_id][study.split].append(study.study_id)
+
+        organ = organ_config(study.organ)
+        if organ is None:
+            known = sorted(set(configs) | {p.stem for p in _builtin_organs()})
+            report(f"unknown organ '{study.organ}' (known: {', '.join(known)}; add one with --organ-config)")
+        else:
+            unknown = [m for m in study.modalities if m not in organ.modalities]
+            if unknown:
+                report(
+                    f"unknown modality {', '.join(repr(m) for m in unknown)} for organ '{organ.name}' "
+                    f"(expected some of {', '.join(organ.modalities)})"
+                )
+            if study.label is not None and study.label not in organ.classes:
+                report(f"unknown label '{study.label}' for organ '{organ.name}' (classes: {', '.join(organ.classes)})")
+            n_known = len([m for m in study.modalities if m in organ.modalities])
+            if n_known < organ.min_modalities:
+                report(f"has {n_known} usable modalities; organ '{organ.name}' needs at least {organ.min_modalities}")
+
+        if not check_files:
+            continue
+        grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+        for modality, file in study.modalities.items():
+            key = file.resolve()
+            if key not in volume_results:
+                try:
+                    img = check_volume(file)
+                    volume_results[key] = (tuple(img.shape), np.asarray(img.affine, np.float64))
+                except VolumeError as e:
+                    volume_results[key] = e
+            result = volume_results[key]
+            if isinstance(result, VolumeError):
+                report(f"modality '{modality}': {result}")
+            else:
+                grids[modality] = result
+        try:
+            check_same_grid(grids)
+        except VolumeError as e:
+            report(str(e))
+
+    for patient, splits in patient_splits.items():
+        if len(splits) > 1:
+            detail = "; ".join(f"{s}: {', '.join(ids)}" for s, ids in sorted(splits.items()))
+            problems.append(Problem(source, None, None, f"patient '{patient}' appears in several splits ({detail})"))
+    if n_studies == 0 and not problems:
+        problems.append(Problem(source, None, None, "the study list contains no studies"))
+    return problems
+
+
+def _builtin_organs() -> list[Path]:
+    from medmap.config import CONFIG_ROOT
+
+    return sorted((CONFIG_ROOT / "organs").glob("*.yaml"))
+
+
+__all__ = [
+    "GRID_TOLERANCE_VOXELS",
+    "Problem",
+    "check_same_grid",
+    "check_volume",
+    "validate_study_list",
+]

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from medmap.data.augment import build_augmentation
+from medmap.errors import ConfigError
+
+OFF = {"flip": {"prob": 0.0}, "affine": {"prob": 0.0}, "bias_field": {"prob": 0.0}, "scale_shift": {"prob": 0.0}, "noise": {"prob": 0.0}}
+
+
+def _sample(m: int = 3, missing: int | None = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(m, 16, 14, 12)
+    images[:, 3:13, 3:11, 2:10] = torch.randn(1, 10, 8, 8, generator=g).expand(m, -1, -1, -1)
+    images[:, 3:6, 3:6, 2:5] += 5.0  # an asymmetric marker
+    present = torch.ones(m, dtype=torch.bool)
+    if missing is not None:
+        images[missing] = 0
+        present[missing] = False
+    return {"images": images, "present": present, "affine": torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64)), "study_id": "s"}
+
+
+def test_same_spatial_transform_for_all_modalities():
+    cfg = {**OFF, "flip": {"prob": 1.0}, "affine": {"prob": 1.0, "degrees": 15, "scales": 0.1, "translation_mm": 4}}
+    s = _sample()
+    out = build_augmentation(cfg, seed=0)(s)
+    assert not torch.equal(out["images"][0], s["images"][0])
+    assert torch.equal(out["images"][0], out["images"][1])  # identical input -> identical output
+    assert torch.count_nonzero(out["images"][2]) == 0  # missing stays zero
+    assert torch.equal(out["present"], s["present"]) and out["study_id"] == "s"
+
+
+def test_flip_is_left_right_in_ras():
+    s = _sample(missing=None)
+    out = build_augmentation({**OFF, "flip": {"prob": 1.0, "axes": [0]}}, seed=0)(s)
+    assert torch.equal(out["images"], s["images"].flip(1))
+
+
+def test_intensity_transforms_respect_present_and_background():
+    cfg = {**OFF, "bias_field": {"prob": 1.0}, "scale_shift": {"prob": 1.0, "scale": 0.2, "shift": 0.3}}
+    s = _sample()
+    out = build_augmentation(cfg, seed=1)(s)["images"]
+    assert torch.count_nonzero(out[2]) == 0
+    bg = s["images"][0] == 0
+    assert torch.all(out[0][bg] == 0)  # scale/shift and bias field leave the zero background alone
+    assert not torch.allclose(out[0], s["images"][0])
+
+
+def test_reproducible_and_leaves_global_rng_alone():
+    s = _sample()
+    state = torch.get_rng_state()
+    a = build_augmentation(None, seed=7)
+    b = build_augmentation(None, seed=7)
+    outs_a = [a(s)["images"] for _ in range(3)]
+    outs_b = [b(s)["images"] for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
+    assert not all(torch.equal(outs_a[0], x) for x in outs_a[1:])  # calls differ from each other
+    assert torch.equal(torch.get_rng_state(), state)
+    c = build_augmentation(None, seed=8)
+    assert not all(torch.equal(x, c(s)["images"]) for x in outs_a[:1])
+
+
+def test_disabled_and_bad_config():
+    s = _sample()
+    assert build_augmentation({"enabled": False}, seed=0)(s) is s
+    with pytest.raises(ConfigError, match="unknown keys \\['rotate'\\]"):
+        build_augmentation({"rotate": {}}, seed=0)
+    with pytest.raises(ConfigError, match="'noise.prob' must be in"):
+        build_augmentation({"noise": {"prob": 2}}, seed=0)
+    with pytest.raises(ConfigError, match="'flip': unknown keys"):
+        build_augmentation({"flip": {"p": 0.5}}, seed=0)

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+
+from medmap.data.validate import check_same_grid, check_volume, validate_study_list
+from medmap.errors import VolumeError
+from tests.data.helpers import LPS_AFFINE, head_volume, make_study, toy_organ, write_list, write_nifti, write_raw_nifti
+
+
+def test_good_volume_is_returned_as_float32_3d(tmp_path):
+    path = write_nifti(tmp_path / "v.nii.gz", head_volume()[..., None])  # (X, Y, Z, 1) is accepted
+    img = check_volume(path)
+    assert img.shape == (40, 36, 20)
+    assert img.get_fdata(dtype=np.float32).dtype == np.float32
+    np.testing.assert_allclose(img.affine, LPS_AFFINE)
+
+
+def _truncated(tmp_path, suffix):
+    good = write_nifti(tmp_path / f"good{suffix}", head_volume())
+    raw = good.read_bytes()
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(raw[: len(raw) // 2])
+    return bad
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "absent.nii.gz", "file not found"),
+        (lambda p: (p / "text.nii").write_text("hello") and p / "text.nii", "cannot be read as NIfTI"),
+        (lambda p: _truncated(p, ".nii.gz"), "truncated or corrupt"),
+        (lambda p: _truncated(p, ".nii"), "truncated or corrupt"),
+        (lambda p: write_nifti(p / "4d.nii.gz", np.stack([head_volume(), head_volume(1)], -1)), "not a 3D volume"),
+        (lambda p: write_nifti(p / "2d.nii.gz", head_volume()[:, :, :1]), "single-voxel axis"),
+        (lambda p: write_nifti(p / "const.nii.gz", np.full((8, 8, 8), 7.0, np.float32)), "constant (every voxel is 7)"),
+        (lambda p: write_raw_nifti(p / "nanaff.nii", head_volume(), np.diag([np.nan, 1.0, 1.0, 1.0])), "NaN or infinite entries"),
+        (lambda p: write_raw_nifti(p / "sing.nii", head_volume(), np.diag([0.0, 1.0, 1.0, 1.0])), "affine is singular"),
+    ],
+)
+def test_bad_volumes_have_specific_messages(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(VolumeError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        check_volume(path)
+    assert str(path.name) in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels(tmp_path, bad):
+    data = head_volume()
+    data[1, 2, 3] = bad
+    data[4, 5, 6] = bad
+    with pytest.raises(VolumeError, match=r"2 voxel\(s\) are NaN or infinite"):
+        check_volume(write_nifti(tmp_path / "v.nii.gz", data))
+
+
+def test_same_grid_rule():
+    shape = (10, 10, 10)
+    near = LPS_AFFINE.copy()
+    near[0, 3] += 0.01  # 0.7% of a 1.5 mm voxel: the same grid
+    check_same_grid({"t1": (shape, LPS_AFFINE), "t2": (shape, near)})
+    far = LPS_AFFINE.copy()
+    far[:3, :3] *= 1.1  # a different voxel size
+    with pytest.raises(VolumeError, match="'t1' and 't2' are not on the same voxel grid .*mm apart"):
+        check_same_grid({"t1": (shape, LPS_AFFINE), "t2": (shape, far)})
+    with pytest.raises(VolumeError, match=r"shape \(10, 10, 10\) vs \(10, 10, 11\)"):
+        check_same_grid({"t1": (shape, LPS_AFFINE), "t2": ((10, 10, 11), LPS_AFFINE)})
+
+
+def test_valid_list_has_no_problems(tmp_path):
+    studies = [make_study(tmp_path, f"s{i}", seed=i, split="train") for i in range(2)]
+    path = write_list(tmp_path, studies)
+    assert validate_study_list(path, [toy_organ()]) == []
+
+
+def test_every_problem_is_reported_with_its_line(tmp_path):
+    organ = toy_organ(min_modalities=2)
+    good = make_study(tmp_path, "good", patient_id="P1", split="train")
+    one = make_study(tmp_path, "one", modalities=("t1",))
+    lines = [
+        json.dumps(good.to_json()),  # 1: fine
+        "{not json",  # 2
+        json.dumps({"study_id": "x", "organ": "toy", "modalities": {"t1": "a.nii"}}),  # 3: no patient_id
+        json.dumps({**good.to_json(), "study_id": "liverish", "organ": "kidney"}),  # 4
+        json.dumps({**good.to_json(), "study_id": "dwi", "modalities": {**good.to_json()["modalities"], "dwi": "x.nii"}}),  # 5
+        json.dumps({**good.to_json(), "study_id": "lab", "label": "cancer"}),  # 6
+        json.dumps(one.to_json()),  # 7: 1 < min_modalities 2
+        json.dumps(good.to_json()),  # 8: duplicate id
+        json.dumps({**good.to_json(), "study_id": "leak", "split": "test"}),  # 9: P1 also in train
+        json.dumps({**good.to_json(), "study_id": "gone", "modalities": {"t1": "nope.nii.gz", "t2": good.to_json()["modalities"]["t2"]}}),  # 10
+    ]
+    # 11: modalities on different grids
+    shifted = LPS_AFFINE.copy()
+    shifted[2, 3] += 9.0
+    write_nifti(tmp_path / "grid" / "t2.nii.gz", head_volume(seed=5), shifted)
+    lines.append(json.dumps({**good.to_json(), "study_id": "grid", "modalities": {"t1": str(good.modalities["t1"]), "t2": str(tmp_path / "grid" / "t2.nii.gz")}}))
+    # 12: a corrupt file
+    raw = good.modalities["t2"].read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 3])
+    lines.append(json.dumps({**good.to_json(), "study_id": "cut", "modalities": {"t1": str(good.modalities["t1"]), "t2": "cut.nii.gz"}}))
+    path = tmp_path / "list.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    problems = validate_study_list(path, [organ])
+    by_line = {}
+    for p in problems:
+        by_line.setdefault(p.line, []).append(str(p))
+    expect = {
+        2: "invalid JSON",
+        3: "missing required key(s) patient_id",
+        4: "unknown organ 'kidney'",
+        5: "unknown modality 'dwi' for organ 'toy'",
+        6: "unknown label 'cancer' for organ 'toy'",
+        7: "has 1 usable modalities; organ 'toy' needs at least 2",
+        8: "duplicate study_id (first on line 1)",
+        10: "modality 't1': ",
+        11: "not on the same voxel grid",
+        12: "truncated or corrupt",
+        None: "patient 'P1' appears in several splits (test: leak; train: good, ",
+    }
+    for line, text in expect.items():
+        assert any(text in msg for msg in by_line.get(line, [])), (line, text, by_line.get(line))
+    assert 1 not in by_line
+    assert any("nope.nii.gz: file not found" in m for m in by_line[10])
+    assert all(str(path) in str(p) for p in problems)
+    assert "list.jsonl:5: study 'dwi':" in "\n".join(by_line[5])
+
+
+def test_unknown_organ_without_config_and_builtin_lookup(tmp_path):
+    study = make_study(tmp_path, "s1")
+    path = write_list(tmp_path, [study])
+    problems = validate_study_list(path)  # 'toy' is not built in
+    assert len(problems) == 1 and "unknown organ 'toy' (known: brain, liver" in problems[0].message
+
+
+def test_empty_list(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    assert [p.message for p in validate_study_list(path)] == ["the study list contains no studies"]
