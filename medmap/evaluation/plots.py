@@ -1,0 +1,129 @@
+"""Evaluation figures as PNG files: confusion matrix, ROC curves, reliability diagram.
+
+Figures are drawn on matplotlib's Agg canvas directly (``matplotlib.figure.Figure``), so
+nothing here touches pyplot's global state or needs a display.
+
+Example:
+    >>> paths = write_all_plots(y_true, probs, ["normal", "tumour"], "run/metrics")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc as area_under_curve
+from sklearn.metrics import roc_curve
+
+from medmap.evaluation.metrics import reliability_bins
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str], path: str | Path,
+                          normalize: bool = True, title: str = "Confusion matrix") -> Path:
+    """Heat map of the confusion matrix (rows = true, columns = predicted).
+
+    With ``normalize`` the colours show row-normalised rates (sensitivity on the diagonal);
+    the cells are annotated with counts and rates.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    rate = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    c = len(class_names)
+    size = max(4.0, 0.7 * c + 2.5)
+    fig = Figure(figsize=(size, size * 0.9))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    img = ax.imshow(rate if normalize else cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
+    for i in range(c):
+        for j in range(c):
+            shade = (rate if normalize else cm / max(cm.max(), 1))[i, j]
+            ax.text(j, i, f"{int(cm[i, j])}\n{rate[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if shade > 0.5 else "black")
+    ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right")
+    ax.set_yticks(range(c), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_roc_curves(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                    path: str | Path, title: str = "ROC") -> Path:
+    """One-vs-rest ROC curves; a binary task gets the single curve of the positive class
+    (index 1). Classes without both positives and negatives are skipped (noted in the legend)."""
+    y = np.asarray(y_true)
+    p = np.asarray(probs)
+    c = len(class_names)
+    fig = Figure(figsize=(5.5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    for k in [1] if c == 2 else range(c):
+        pos = y == k
+        if pos.all() or not pos.any():
+            ax.plot([], [], " ", label=f"{class_names[k]}: undefined (one class only)")
+            continue
+        fpr, tpr, _ = roc_curve(pos, p[:, k])
+        auc = float(area_under_curve(fpr, tpr))
+        ax.plot(fpr, tpr, linewidth=1.5, label=f"{class_names[k]} (AUC {auc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title + (f": {class_names[1]} vs {class_names[0]}" if c == 2 else " (one-vs-rest)"))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_reliability_diagram(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, path: str | Path,
+                             title: str = "Reliability (top label)") -> Path:
+    """Top-label reliability diagram (15 bins) with the per-bin sample counts below."""
+    rel: dict[str, Any] = reliability_bins(np.asarray(y_true), np.asarray(probs))
+    edges = np.asarray(rel["bin_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    acc = np.array([a if a is not None else np.nan for a in rel["accuracy"]])
+    conf = np.array([s if s is not None else np.nan for s in rel["confidence"]])
+    fig = Figure(figsize=(5.5, 6))
+    FigureCanvasAgg(fig)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    ax.bar(centres, np.nan_to_num(acc), width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.scatter(conf, acc, color="tab:red", s=12, zorder=3, label="mean confidence")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax_n.bar(centres, rel["count"], width=width * 0.95, color="grey")
+    ax_n.set_xlim(0, 1)
+    ax_n.set_xlabel("confidence of the predicted class")
+    ax_n.set_ylabel("count")
+    return _save(fig, path)
+
+
+def write_all_plots(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                    out_dir: str | Path, prefix: str = "") -> dict[str, Path]:
+    """Write ``confusion_matrix.png``, ``roc.png`` and ``reliability.png`` into ``out_dir``."""
+    from sklearn.metrics import confusion_matrix  # noqa: PLC0415
+
+    out_dir = Path(out_dir)
+    y = np.asarray(y_true)
+    p = np.asarray(probs)
+    cm = confusion_matrix(y, p.argmax(axis=1), labels=np.arange(len(class_names)))
+    return {
+        "confusion_matrix": plot_confusion_matrix(cm, class_names, out_dir / f"{prefix}confusion_matrix.png"),
+        "roc": plot_roc_curves(y, p, class_names, out_dir / f"{prefix}roc.png"),
+        "reliability": plot_reliability_diagram(y, p, out_dir / f"{prefix}reliability.png"),
+    }
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,503 @@
+"""The MedMAP stage-2 classifier: modality-aware encoders + CSA + CCT + two heads.
+
+Data flow for a batch of studies of one organ (``M`` modalities, ``C`` classes)::
+
+    images [B, M, X, Y, Z], present [B, M]
+      -> for each modality m present in at least one study of the batch:
+           E_m on the sub-batch of studies that have m           -> Z_m [B_m, N_m, d]
+           CSA(Z_m | projected text)  (or a plain linear map)    -> A_m [B_m, N_m, d]
+           scattered back into [B, N_m, d], masked where m is missing
+      -> CCT(V = concat_m A_m, Q = [class tokens; modality descriptors])  -> v* [B, d], q*_c [B, C, d]
+         (or, without CCT: masked mean of each A_m, concatenated, MLP  -> v*)
+      -> logits_cls = W v*;  logits_sim_c = tau * cos(v*, q*_c)
+      -> probs = mean(softmax(logits_cls), softmax(logits_sim))   (``prediction: avg|cls|sim``)
+
+Encoders run only on studies where their modality is present, so a missing modality costs
+nothing and its (all-zero) image is never read. The design choices are explained in
+``docs/method.md``.
+
+Example:
+    >>> from medmap.config import load_organ_config, load_config
+    >>> organ = load_organ_config("brain")
+    >>> cfg = load_config("tiny", "finetune")
+    >>> model = build_medmap_classifier(organ, cfg, text_dim=384)        # doctest: +SKIP
+    >>> out = model(batch["images"], batch["present"], text_bank)        # doctest: +SKIP
+    >>> out["probs"].shape                                               # doctest: +SKIP
+    torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medmap.config import OrganConfig
+from medmap.errors import CheckpointError, ConfigError, MedMAPError
+from medmap.models.cct import CrossCognitionTransformer
+from medmap.models.csa import CrossModalSemanticAggregation
+
+PREDICTION_MODES = ("avg", "cls", "sim")
+
+
+@dataclass
+class MedMAPModelConfig:
+    """Architecture and ablation switches of :class:`MedMAPClassifier`.
+
+    Attributes:
+        num_heads: attention heads in CSA and CCT.
+        mlp_ratio: feed-forward width multiple in CSA and CCT.
+        dropout: dropout in CSA, CCT and before the classifier.
+        use_csa: ``False`` = ablation "no CSA": a linear map + modality embedding per token.
+        csa_conv_blocks: FiLM conv blocks in the CSA local stream.
+        csa_transformer_blocks: transformer blocks in the CSA global stream.
+        use_cct: ``False`` = ablation "no CCT": masked mean per modality, concatenate, MLP.
+        cct_layers: number of two-way CCT layers ``L``.
+        pooling: ``mean`` or ``attention`` pooling of the CCT visual tokens into ``v*``.
+        use_text: ``False`` = ablation "no text": no text bank, no similarity head; CSA runs
+            without FiLM / cross-attention and CCT attends to learned query tokens.
+        prediction: ``avg`` (mean of the two heads' probabilities), ``cls`` or ``sim``.
+        tau_init: initial similarity temperature ``tau`` (a scale, multiplies the cosine).
+        tau_max: upper clamp of ``tau`` (lower clamp is 1).
+    """
+
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    use_csa: bool = True
+    csa_conv_blocks: int = 1
+    csa_transformer_blocks: int = 1
+    use_cct: bool = True
+    cct_layers: int = 2
+    pooling: str = "mean"
+    use_text: bool = True
+    prediction: str = "avg"
+    tau_init: float = 10.0
+    tau_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTION_MODES:
+            raise ConfigError(f"model.prediction must be one of {PREDICTION_MODES}, got '{self.prediction}'")
+        if not self.use_text and self.prediction != "cls":
+            # Without text there is no similarity head; only the classifier can predict.
+            self.prediction = "cls"
+        if self.pooling not in ("mean", "attention"):
+            raise ConfigError(f"model.pooling must be 'mean' or 'attention', got '{self.pooling}'")
+        if not 1.0 <= self.tau_init <= self.tau_max:
+            raise ConfigError(f"model.tau_init must lie in [1, tau_max={self.tau_max}], got {self.tau_init}")
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> "MedMAPModelConfig":
+        """Read the ``model`` and ``ablation`` sections of a fine-tuning run config."""
+        model = dict(cfg.get("model") or {})
+        abl = ablation_switches(cfg)
+        csa = dict(model.pop("csa", None) or {})
+        cct = dict(model.pop("cct", None) or {})
+        known = {"num_heads", "mlp_ratio", "dropout", "pooling", "prediction", "tau_init", "tau_max"}
+        extra = set(model) - known
+        if extra:
+            raise ConfigError(f"unknown keys in the 'model' section: {sorted(extra)}")
+        return cls(
+            **{k: model[k] for k in known if k in model},
+            use_csa=abl["csa"],
+            csa_conv_blocks=int(csa.get("conv_blocks", 1)),
+            csa_transformer_blocks=int(csa.get("transformer_blocks", 1)),
+            use_cct=abl["cct"],
+            cct_layers=int(cct.get("layers", 2)),
+            use_text=abl["text"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TextProjection(nn.Module):
+    """``P_t``: trainable map from frozen text embeddings to the model width ``d``."""
+
+    def __init__(self, text_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(text_dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.norm(self.proj(emb))
+
+
+class PlainTokenProjection(nn.Module):
+    """The "no CSA" ablation: ``A_m = LN(W Z_m) + e_m`` (no text, no conv, no attention)."""
+
+    def __init__(self, dim: int, num_modalities: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.modality_embedding = nn.Parameter(torch.zeros(num_modalities, dim))
+        nn.init.trunc_normal_(self.modality_embedding, std=0.02)
+
+    def forward(self, tokens: Tensor, modality_index: int) -> Tensor:
+        return self.norm(self.proj(tokens)) + self.modality_embedding[modality_index]
+
+
+def average_class_prompts(class_emb: Tensor) -> Tensor:
+    """Prompt ensembling: ``[C, P, t] -> [C, t]``, mean of L2-normalised prompt embeddings.
+
+    All-zero rows are treated as padding (classes with fewer prompts) and left out.
+    """
+    if class_emb.dim() == 2:
+        class_emb = class_emb.unsqueeze(1)
+    norms = class_emb.norm(dim=-1, keepdim=True)
+    valid = (norms > 0).to(class_emb.dtype)
+    if bool((valid.sum(dim=1) == 0).any()):
+        raise MedMAPError("text bank: a class has no non-empty prompt embedding")
+    unit = class_emb / norms.clamp_min(1e-12)
+    mean = (unit * valid).sum(dim=1) / valid.sum(dim=1)
+    return F.normalize(mean, dim=-1)
+
+
+class MedMAPClassifier(nn.Module):
+    """Stage-2 MedMAP: modality-aware encoders, CSA, CCT, classifier and similarity heads.
+
+    Args:
+        organ: the task (modalities in tensor order, classes).
+        encoders: a module with ``.dim`` whose ``forward(x [B,1,X,Y,Z], modality=name)``
+            returns an object with ``tokens [B, N, d]``, ``grid (gx, gy, gz)`` and
+            ``pooled [B, d]`` (``medmap.models.encoders.ModalityAwareEncoders``).
+        text_dim: width of the frozen text embeddings (``None`` when ``use_text`` is off).
+        cfg: architecture / ablation switches.
+
+    :meth:`forward` returns a dict with ``logits_cls [B, C]``, ``logits_sim [B, C]`` (``None``
+    without text), ``probs [B, C]``, ``features`` (``v*`` ``[B, d]``), ``class_tokens``
+    (``q*_c`` ``[B, C, d]`` or ``None``), and for saliency: ``tokens`` (modality ->
+    encoder tokens ``Z_m [B_m, N_m, d]``, part of the autograd graph), ``token_grids``
+    (modality -> grid), ``token_index`` (modality -> LongTensor of the batch rows that
+    have it) and ``pool_weights`` (``[B, sum N_m]`` CCT pooling weights, or ``None``).
+    """
+
+    def __init__(self, organ: OrganConfig, encoders: nn.Module, text_dim: int | None,
+                 cfg: MedMAPModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or MedMAPModelConfig()
+        self.organ = organ
+        self.cfg = cfg
+        self.modalities = list(organ.modalities)
+        self.num_classes = organ.num_classes
+        self.encoders = encoders
+        d = int(getattr(encoders, "dim"))
+        self.dim = d
+        m, c = len(self.modalities), self.num_classes
+
+        if cfg.use_text:
+            if text_dim is None or text_dim <= 0:
+                raise ConfigError("the text branch is enabled (ablation.text: true) but text_dim was not given")
+            self.text_projection: TextProjection | None = TextProjection(text_dim, d)
+        else:
+            self.text_projection = None
+
+        if cfg.use_csa:
+            self.csa: nn.Module = CrossModalSemanticAggregation(
+                d, m, cfg.num_heads, cfg.csa_conv_blocks, cfg.csa_transformer_blocks,
+                cfg.mlp_ratio, cfg.dropout, use_text=cfg.use_text,
+            )
+        else:
+            self.csa = PlainTokenProjection(d, m)
+
+        self.cct: CrossCognitionTransformer | None = None
+        self.fusion_mlp: nn.Sequential | None = None
+        if cfg.use_cct:
+            self.cct = CrossCognitionTransformer(d, cfg.num_heads, cfg.cct_layers, cfg.mlp_ratio, cfg.dropout, cfg.pooling)
+            if not cfg.use_text:
+                # Pure vision: CCT attends to learned queries in place of class / modality text.
+                self.query_tokens = nn.Parameter(torch.zeros(c + m, d))
+                nn.init.trunc_normal_(self.query_tokens, std=0.02)
+        else:
+            self.fusion_mlp = nn.Sequential(
+                nn.LayerNorm(m * d + m),
+                nn.Linear(m * d + m, d),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(d, d),
+            )
+
+        self.classifier = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, c))
+        if cfg.use_text:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def tau(self) -> Tensor:
+        """Similarity scale ``tau = exp(log_tau)`` clamped to ``[1, tau_max]``."""
+        return self.log_tau.exp().clamp(1.0, self.cfg.tau_max)
+
+    def project_text(self, text_bank: Any) -> tuple[Tensor, Tensor]:
+        """Projected class tokens ``[C, d]`` and modality descriptor tokens ``[M, d]``.
+
+        ``text_bank`` is a ``TextBank`` (or any object / mapping) with ``class_emb``
+        ``[C, P, text_dim]`` and ``modality_emb [M, text_dim]``.
+        """
+        assert self.text_projection is not None
+        for attr, expected in (("classes", self.organ.classes), ("modalities", self.modalities)):
+            got = text_bank.get(attr) if isinstance(text_bank, Mapping) else getattr(text_bank, attr, None)
+            if got is not None and list(got) != list(expected):
+                raise MedMAPError(f"text bank {attr} {list(got)} do not match organ '{self.organ.name}': {list(expected)}")
+        class_emb = _as_tensor(_get(text_bank, "class_emb"), self.log_tau)
+        modality_emb = _as_tensor(_get(text_bank, "modality_emb"), self.log_tau)
+        if class_emb.shape[0] != self.num_classes:
+            raise MedMAPError(f"text bank has {class_emb.shape[0]} classes, the organ '{self.organ.name}' has {self.num_classes}")
+        if modality_emb.shape[0] != len(self.modalities):
+            raise MedMAPError(
+                f"text bank has {modality_emb.shape[0]} modality descriptors, the organ '{self.organ.name}' "
+                f"has {len(self.modalities)} modalities"
+            )
+        class_tokens = self.text_projection(average_class_prompts(class_emb))
+        modality_tokens = self.text_projection(F.normalize(modality_emb, dim=-1))
+        return class_tokens, modality_tokens
+
+    def parameter_groups(self, lr: float, weight_decay: float = 0.05, encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups: encoders at ``lr * encoder_lr_scale``; no weight decay on biases,
+        norms, embeddings and the temperature."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_enc = name.startswith("encoders.")
+            no_wd = p.dim() < 2 or "embedding" in name or "tokens" in name or name == "log_tau"
+            groups.setdefault((is_enc, no_wd), []).append(p)
+        return [
+            {"params": ps, "lr": lr * (encoder_lr_scale if is_enc else 1.0), "weight_decay": 0.0 if no_wd else weight_decay}
+            for (is_enc, no_wd), ps in groups.items()
+        ]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, present: Tensor, text_bank: Any = None) -> dict[str, Any]:
+        b, m = images.shape[:2]
+        if images.dim() != 5 or m != len(self.modalities):
+            raise MedMAPError(
+                f"images must be [B, M={len(self.modalities)}, X, Y, Z] for organ '{self.organ.name}', "
+                f"got {tuple(images.shape)}"
+            )
+        present = present.to(device=images.device, dtype=torch.bool)
+        if present.shape != (b, m):
+            raise MedMAPError(f"present must be [B={b}, M={m}], got {tuple(present.shape)}")
+        if bool((~present.any(dim=1)).any()):
+            raise MedMAPError("every study needs at least one present modality")
+
+        class_tokens = modality_tokens = None
+        if self.cfg.use_text:
+            if text_bank is None:
+                raise MedMAPError("this model uses text (ablation.text: true) but no text bank was given")
+            class_tokens, modality_tokens = self.project_text(text_bank)
+
+        visual, padding, per_modality_pooled = [], [], []
+        tokens_out: dict[str, Tensor] = {}
+        grids: dict[str, tuple[int, int, int]] = {}
+        index_out: dict[str, Tensor] = {}
+        for mi, name in enumerate(self.modalities):
+            idx = present[:, mi].nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                if self.fusion_mlp is not None:
+                    per_modality_pooled.append(images.new_zeros(b, self.dim))
+                continue
+            enc = self.encoders(images[idx, mi : mi + 1], modality=name)
+            z = enc.tokens
+            grid = tuple(int(g) for g in enc.grid)
+            tokens_out[name], grids[name], index_out[name] = z, grid, idx  # type: ignore[assignment]
+            if self.cfg.use_csa:
+                a = self.csa(z, grid, mi, class_tokens, modality_tokens)
+            else:
+                a = self.csa(z, mi)
+            full = a.new_zeros(b, a.shape[1], a.shape[2]).index_copy(0, idx, a)
+            if self.fusion_mlp is not None:
+                per_modality_pooled.append(a.new_zeros(b, self.dim).index_copy(0, idx, a.mean(dim=1)))
+            else:
+                pad = torch.ones(b, a.shape[1], dtype=torch.bool, device=a.device)
+                pad[idx] = False
+                visual.append(full)
+                padding.append(pad)
+
+        pool_weights = None
+        q_star = None
+        if self.cct is not None:
+            v_seq = torch.cat(visual, dim=1)
+            pad_seq = torch.cat(padding, dim=1)
+            if class_tokens is not None and modality_tokens is not None:
+                q_seq = torch.cat([class_tokens, modality_tokens], dim=0)
+            else:
+                q_seq = self.query_tokens
+            out = self.cct(v_seq, q_seq.unsqueeze(0).expand(b, -1, -1), pad_seq, self.num_classes)
+            v_star, q_star, pool_weights = out.pooled, out.class_tokens, out.pool_weights
+        else:
+            assert self.fusion_mlp is not None
+            fused = torch.cat(per_modality_pooled + [present.to(images.dtype)], dim=1)
+            v_star = self.fusion_mlp(fused)
+            if class_tokens is not None:
+                q_star = class_tokens.unsqueeze(0).expand(b, -1, -1)
+
+        logits_cls = self.classifier(v_star)
+        logits_sim = None
+        if self.cfg.use_text and q_star is not None:
+            logits_sim = self.tau * torch.einsum("bd,bcd->bc", F.normalize(v_star, dim=-1), F.normalize(q_star, dim=-1))
+        probs = combine_head_probabilities(logits_cls, logits_sim, self.cfg.prediction)
+        return {
+            "logits_cls": logits_cls,
+            "logits_sim": logits_sim,
+            "probs": probs,
+            "features": v_star,
+            "class_tokens": q_star,
+            "tokens": tokens_out,
+            "token_grids": grids,
+            "token_index": index_out,
+            "pool_weights": pool_weights,
+        }
+
+
+def combine_head_probabilities(logits_cls: Tensor, logits_sim: Tensor | None, mode: str = "avg") -> Tensor:
+    """The prediction: ``avg`` of the two heads' softmax probabilities, or one head alone."""
+    if mode not in PREDICTION_MODES:
+        raise ConfigError(f"prediction mode must be one of {PREDICTION_MODES}, got '{mode}'")
+    p_cls = logits_cls.float().softmax(dim=-1)
+    if logits_sim is None or mode == "cls":
+        return p_cls
+    p_sim = logits_sim.float().softmax(dim=-1)
+    return p_sim if mode == "sim" else 0.5 * (p_cls + p_sim)
+
+
+def build_medmap_classifier(organ: OrganConfig, cfg: Mapping[str, Any], text_dim: int | None) -> MedMAPClassifier:
+    """Build the stage-2 model from a fine-tuning run config (``encoder``, ``model``, ``ablation``).
+
+    ``ablation.modality_aware: false`` builds one shared encoder for all modalities;
+    ``ablation.pretrained`` is read by the engine (random init when false), not here.
+    """
+    from medmap.models.encoders import build_encoders  # noqa: PLC0415 - keeps import light for tests
+
+    enc_cfg = dict(cfg.get("encoder") or {})
+    if "arch" not in enc_cfg:
+        raise ConfigError("fine-tuning config: 'encoder.arch' is required (a name from configs/encoders/)")
+    shared = not ablation_switches(cfg)["modality_aware"]
+    roi = tuple(int(s) for s in organ.roi_size)
+    encoders = build_encoders(enc_cfg["arch"], {mod: roi for mod in organ.modalities}, shared=shared)
+    model_cfg = MedMAPModelConfig.from_run_config(cfg)
+    return MedMAPClassifier(organ, encoders, text_dim if model_cfg.use_text else None, model_cfg)
+
+
+ABLATION_SWITCHES = ("pretrained", "modality_aware", "csa", "cct", "kl", "text")
+
+
+def ablation_switches(cfg: Mapping[str, Any]) -> dict[str, bool]:
+    """The run config's ``ablation`` section with defaults (every component on), validated.
+
+    Example:
+        >>> ablation_switches({"ablation": {"cct": False}})["cct"], ablation_switches({})["pretrained"]
+        (False, True)
+    """
+    abl = dict(cfg.get("ablation") or {})
+    unknown = set(abl) - set(ABLATION_SWITCHES)
+    if unknown:
+        raise ConfigError(f"unknown ablation switches {sorted(unknown)}; known: {list(ABLATION_SWITCHES)}")
+    bad = [k for k, v in abl.items() if not isinstance(v, bool)]
+    if bad:
+        raise ConfigError(f"ablation switches must be true or false: {bad}")
+    return {k: bool(abl.get(k, True)) for k in ABLATION_SWITCHES}
+
+
+@dataclass
+class EncoderLoadReport:
+    """What :func:`load_encoders_from_pretrain` did.
+
+    Attributes:
+        loaded: encoder parameter/buffer names (relative to ``model.encoders``) that were set.
+        missing: encoder names with no counterpart in the checkpoint (left at their init).
+        unexpected: checkpoint encoder keys with no counterpart in the model (e.g. a
+            modality that this organ does not have).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"loaded {len(self.loaded)} encoder tensors, {len(self.missing)} missing, {len(self.unexpected)} unexpected"
+
+
+def load_encoders_from_pretrain(model: MedMAPClassifier, state_dict: Mapping[str, Tensor] | str | Path) -> EncoderLoadReport:
+    """Initialise ``model.encoders`` from a stage-1 checkpoint, matching weights by name.
+
+    Keys are matched after stripping everything up to the first ``encoders.`` (so
+    ``encoders.<...>``, ``module.encoders.<...>`` and a bare encoder state dict all work).
+    Per-modality encoders are keyed by modality name, so a stage-1 model pre-trained on more
+    modalities than this organ has loads exactly the modalities it shares; the rest are
+    reported as unexpected. Non-encoder stage-1 weights (projections, temperatures) are ignored.
+
+    Args:
+        model: the stage-2 model.
+        state_dict: a state dict, or a path to a ``.safetensors`` / ``.pt`` file.
+
+    Raises:
+        CheckpointError: the file is unreadable, a matched tensor has a different shape, or
+            nothing at all matched (almost certainly the wrong checkpoint or encoder arch).
+    """
+    if isinstance(state_dict, (str, Path)):
+        state_dict = _read_state_dict(Path(state_dict))
+    target = model.encoders.state_dict()
+    merged = dict(target)
+    report = EncoderLoadReport()
+    mismatched = []
+    for key, value in state_dict.items():
+        cand = key
+        if cand not in target and "encoders." in key:
+            cand = key.split("encoders.", 1)[1]
+        if cand in target:
+            if tuple(value.shape) != tuple(target[cand].shape):
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[cand].shape)}")
+                continue
+            merged[cand] = value
+            report.loaded.append(cand)
+        elif "encoders." in key:
+            report.unexpected.append(key)
+    if mismatched:
+        raise CheckpointError("encoder weights do not fit this model (different encoder arch?): " + "; ".join(mismatched[:5]))
+    if not report.loaded:
+        raise CheckpointError(
+            "no encoder weights in the checkpoint match this model; check that it is a stage-1 "
+            "checkpoint with the same encoder arch and modality-aware/shared setting"
+        )
+    loaded = set(report.loaded)
+    report.missing = [k for k in target if k not in loaded]
+    model.encoders.load_state_dict(merged)
+    return report
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"pre-training checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return sd.get("model", sd) if isinstance(sd, dict) else sd
+    except Exception as e:  # noqa: BLE001 - any read failure is a bad checkpoint for the user
+        raise CheckpointError(f"cannot read pre-training checkpoint {path}: {e}") from e
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        if name not in obj:
+            raise MedMAPError(f"text bank has no '{name}'")
+        return obj[name]
+    if not hasattr(obj, name):
+        raise MedMAPError(f"text bank has no '{name}'")
+    return getattr(obj, name)
+
+
+def _as_tensor(x: Any, like: Tensor) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return torch.as_tensor(x).to(device=like.device, dtype=like.dtype)
