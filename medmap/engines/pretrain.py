@@ -1,0 +1,584 @@
+"""Stage 1 engine: modality-aware contrastive pre-training and its evaluation.
+
+``medmap pretrain --data STUDY_LIST --config FILE --out RUN_DIR`` runs :func:`run_pretraining`:
+
+1. read the study list, assign missing splits by patient (:func:`medmap.data.split.ensure_splits`);
+2. embed every distinct findings text and class prompt **once**, through the on-disk
+   :class:`~medmap.text.cache.TextEmbeddingCache` (rank 0 first, the others then read the
+   cache); the loop below only looks embeddings up in a :class:`~medmap.text.prompts.TextTable`;
+3. train :class:`~medmap.models.pretrain.MedMAPPretrainModel` with
+   :class:`~medmap.losses.contrastive.AsymmetricContrastiveLoss` on modality-balanced batches
+   (:class:`OrganBatchSampler`: ``K`` whole studies of one organ per rank, all their
+   modalities; an organ's global batch is split across DDP ranks);
+4. AdamW, warm-up + cosine, autocast, gradient clipping, atomic checkpoints every
+   ``training.ckpt_every_steps`` steps and at the end, ``--resume`` from the last one with
+   the same data order (the sampler depends only on ``(seed, epoch)``; done steps are skipped);
+5. evaluate on the held-out split: per-modality retrieval R@1/5/10 both ways, with chance
+   levels, and zero-shot classification from class prompts; ``RUN_DIR/metrics/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from medmap.config import OrganConfig, load_organ_config
+from medmap.data.cache import PreprocessCache
+from medmap.data.dataset import StudyDataset, collate_studies
+from medmap.data.studylist import Study, read_study_list
+from medmap.engines.common import (
+    DistInfo,
+    RunLogger,
+    autocast_context,
+    barrier,
+    cleanup_distributed,
+    clip_gradients,
+    find_checkpoint,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    save_resolved_config,
+    setup_distributed,
+    unwrap_model,
+    warmup_cosine_schedule,
+)
+from medmap.errors import ConfigError, StudyListError
+from medmap.losses.contrastive import AsymmetricContrastiveLoss
+from medmap.models.pretrain import MedMAPPretrainModel
+from medmap.text.cache import TextEmbeddingCache
+from medmap.text.encoder import FrozenTextEncoder
+from medmap.text.prompts import TextBank, TextTable, build_text_bank
+from medmap.utils import atomic_write_json, atomic_write_text, seed_everything
+
+
+# --------------------------------------------------------------------------- sampling
+class OrganBatchSampler:
+    """Deterministic, modality-balanced, single-organ batches, sharded across ranks.
+
+    For epoch ``e`` the order depends only on ``(seed, e)``: the studies of each organ are
+    shuffled, cut into *global* batches of ``batch_size * world_size`` studies, and the
+    global batches of all organs are shuffled together. Rank ``r`` takes every
+    ``world_size``-th study of each global batch, so all ranks work on the same organ at the
+    same step and their shards are disjoint. An incomplete last global batch is kept when
+    every rank gets at least one study.
+
+    Args:
+        organ_of: organ name of each dataset index.
+        batch_size: ``K``, studies per rank per step.
+        world_size / rank: DDP layout.
+        seed: base seed.
+    """
+
+    def __init__(self, organ_of: Sequence[str], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+        if batch_size < 1:
+            raise ConfigError("training.batch_size must be at least 1")
+        self.organ_of = list(organ_of)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        size = self.batch_size * self.world_size
+        batches: list[list[int]] = []
+        for organ in sorted(set(self.organ_of)):
+            idx = [i for i, o in enumerate(self.organ_of) if o == organ]
+            perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+            for s in range(0, len(perm), size):
+                chunk = perm[s : s + size]
+                if len(chunk) >= self.world_size:
+                    batches.append(chunk)
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.global_batches(0))
+
+    def rank_batches(self, epoch: int, skip: int = 0) -> list[list[int]]:
+        """This rank's batches of ``epoch``, without the first ``skip`` steps."""
+        return [b[self.rank :: self.world_size] for b in self.global_batches(epoch)][skip:]
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class PretrainData:
+    """Everything the loop needs about the data, prepared before training."""
+
+    organs: dict[str, OrganConfig]
+    train: list[Study]
+    held_out: list[Study]
+    held_out_split: str
+    table: TextTable
+    banks: dict[str, TextBank]
+
+
+def _organ_datasets(
+    studies: Sequence[Study], organs: Mapping[str, OrganConfig], cache: PreprocessCache | None, augment: Any
+) -> tuple[ConcatDataset, list[str]]:
+    parts, organ_of = [], []
+    for name, organ in organs.items():
+        ss = [s for s in studies if s.organ == name]
+        if ss:
+            parts.append(StudyDataset(ss, organ, cache=cache, augment=augment))
+            organ_of += [name] * len(ss)
+    if not parts:
+        raise StudyListError("no studies of the configured organs in this split")
+    return ConcatDataset(parts), organ_of
+
+
+def study_texts(studies: Sequence[Study]) -> list[str]:
+    """Every findings text of the present modalities of ``studies``."""
+    return [s.findings[m] for s in studies for m in s.modalities if s.findings.get(m)]
+
+
+def make_text_cache(cfg: Mapping[str, Any], default_dir: Path) -> TextEmbeddingCache:
+    """The text cache of a run; the encoder itself is only built if a text is missing."""
+    tcfg = cfg.get("text") or {}
+    cache_dir = Path(tcfg.get("cache_dir") or default_dir)
+    probe = FrozenTextEncoder(tcfg.get("model"))  # cheap: reads configs only, loads no weights
+    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id)
+
+
+def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo) -> PretrainData:
+    """Read and split the studies and embed all texts (rank 0 first, others from the cache)."""
+    from medmap.data.split import ensure_splits
+
+    dcfg = cfg["data"]
+    organs = {o.name: o for o in (load_organ_config(x) for x in dcfg["organs"])}
+    studies = [s for s in read_study_list(study_list) if s.organ in organs]
+    if not studies:
+        raise StudyListError(f"{study_list}: no studies of organs {', '.join(organs)}")
+    studies = ensure_splits(studies, seed=int(cfg["training"]["seed"]))
+    train = [s for s in studies if s.split == dcfg.get("train_split", "train")]
+    split = str(dcfg.get("eval_split", "val"))
+    held_out = [s for s in studies if s.split == split]
+    if not train:
+        raise StudyListError(f"{study_list}: no studies in the training split")
+    default_text_dir = Path(study_list).resolve().parent / ".medmap_cache" / "text"
+    texts = study_texts(train) + study_texts(held_out)
+    tables: dict[str, Any] = {}
+
+    def build() -> None:
+        cache = make_text_cache(cfg, default_text_dir)
+        tables["table"] = TextTable(texts, cache)
+        tables["banks"] = {n: build_text_bank(o, cache) for n, o in organs.items()}
+
+    if info.is_main:
+        build()
+    barrier(info)
+    if not info.is_main:
+        build()  # every text is on disk now: no encoder is loaded here
+    return PretrainData(organs, train, held_out, split, tables["table"], tables["banks"])
+
+
+def batch_text(batch: Mapping[str, Any], table: TextTable, present: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Frozen embeddings ``[B, M, D]``, text ids ``[B, M]`` and the mask of usable pairs.
+
+    A modality is a usable pair when its volume is present and it has a findings text.
+    """
+    b, m = present.shape
+    emb = torch.zeros(b, m, table.embeddings.shape[1])
+    ids = torch.full((b, m), -1, dtype=torch.long)
+    usable = present.clone()
+    for i, texts in enumerate(batch["findings"]):
+        for j, t in enumerate(texts):
+            if usable[i, j] and t:
+                k = table.index[t]
+                emb[i, j] = table.embeddings[k]
+                ids[i, j] = k
+            else:
+                usable[i, j] = False
+    return emb, ids, usable
+
+
+# --------------------------------------------------------------------------- model
+def build_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfig], text_dim: int) -> MedMAPPretrainModel:
+    """The stage-1 model for all modalities of the configured organs."""
+    enc, mcfg = cfg["encoder"], cfg.get("model") or {}
+    modalities: list[str] = []
+    roi: dict[str, tuple[int, ...]] = {}
+    for o in organs.values():
+        for m in o.modalities:
+            if m in roi and tuple(roi[m]) != tuple(o.roi_size):
+                raise ConfigError(f"modality '{m}' appears in two organs with different ROI sizes")
+            if m not in roi:
+                modalities.append(m)
+                roi[m] = tuple(o.roi_size)
+    return MedMAPPretrainModel(
+        modalities,
+        roi,
+        arch=enc["arch"],
+        text_dim=text_dim,
+        embed_dim=int(mcfg.get("embed_dim", 128)),
+        shared_encoder=not bool(enc.get("modality_aware", True)),
+        vision_proj=str(mcfg.get("vision_proj", "linear")),
+        text_proj=str(mcfg.get("text_proj", "mlp")),
+        init_logit_scale=float(mcfg.get("init_logit_scale", 1 / 0.07)),
+        max_logit_scale=float(mcfg.get("max_logit_scale", 100.0)),
+    )
+
+
+def build_loss(cfg: Mapping[str, Any], model: MedMAPPretrainModel) -> AsymmetricContrastiveLoss:
+    lcfg = cfg.get("loss") or {}
+    weights = {}
+    for name, w in (lcfg.get("modality_weights") or {}).items():
+        if name not in model.modalities:
+            raise ConfigError(f"loss.modality_weights: unknown modality '{name}'")
+        weights[model.modality_index(name)] = float(w)
+    return AsymmetricContrastiveLoss(
+        alpha=float(lcfg.get("alpha", 0.75)),
+        modality_weights=weights,
+        normalize_weights=bool(lcfg.get("normalize_weights", True)),
+        min_group_size=int(lcfg.get("min_group_size", 2)),
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+def _chance_recall(n_pos: np.ndarray, n: int, k: int) -> float:
+    """Mean over queries of P(a random ranking of ``n`` items has a positive in its top ``k``)."""
+    if k >= n:
+        return 1.0
+    out = []
+    for p in n_pos:
+        # 1 - C(n - p, k) / C(n, k), computed as a product to stay finite
+        miss = 1.0
+        for i in range(k):
+            miss *= max(0.0, (n - p - i) / (n - i))
+        out.append(1.0 - miss)
+    return float(np.mean(out))
+
+
+def retrieval_metrics(v: Tensor, t: Tensor, ids: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Volume-to-text and text-to-volume recall@k within one modality group.
+
+    The text gallery is the set of *distinct* texts (identical findings count once and are
+    the correct answer for every volume they describe); a text query is correct when any
+    of the top-k volumes has that text. Chance levels are computed exactly.
+
+    Args:
+        v: ``[N, k]`` normalised volume embeddings; t: ``[N, k]`` their texts' embeddings.
+        ids: ``[N]`` text ids.
+    """
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long)
+    first[inv.flip(0)] = torch.arange(len(ids) - 1, -1, -1)
+    tu = t[first]  # one embedding per distinct text
+    sim = v @ tu.t()  # [N, U]
+    n, u = sim.shape
+    out: dict[str, float] = {"n_volumes": float(n), "n_texts": float(u)}
+    rank_v2t = (sim > sim.gather(1, inv[:, None])).sum(1)  # texts strictly better than the right one
+    counts = torch.bincount(inv, minlength=u).numpy()
+    simt = sim.t()  # [U, N]
+    pos = inv[None, :] == torch.arange(u)[:, None]
+    best_pos = simt.masked_fill(~pos, -math.inf).max(1).values
+    rank_t2v = (simt > best_pos[:, None]).sum(1)
+    for k in ks:
+        out[f"v2t_R@{k}"] = float((rank_v2t < k).float().mean())
+        out[f"t2v_R@{k}"] = float((rank_t2v < k).float().mean())
+        out[f"v2t_R@{k}_chance"] = min(1.0, k / u)
+        out[f"t2v_R@{k}_chance"] = _chance_recall(counts, n, k)
+    return out
+
+
+@torch.no_grad()
+def embed_held_out(
+    model: MedMAPPretrainModel, dataset: StudyDataset, table: TextTable, device: torch.device, precision: str, batch_size: int
+) -> dict[str, Any]:
+    """Per modality: projected volume and text embeddings, text ids; per study: label, presence."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_studies)
+    mods = dataset.organ.modalities
+    per_mod: dict[str, dict[str, list[Tensor]]] = {m: {"v": [], "t": [], "ids": [], "row": []} for m in mods}
+    labels, study_v, row0 = [], [], 0
+    for batch in loader:
+        present = batch["present"]
+        emb, ids, usable = batch_text(batch, table, present)
+        images = batch["images"].to(device)
+        b = images.shape[0]
+        vs = torch.zeros(b, len(mods), model.embed_dim)
+        with autocast_context(precision, device):
+            for j, m in enumerate(mods):
+                rows = present[:, j].nonzero(as_tuple=True)[0]
+                if rows.numel() == 0:
+                    continue
+                v = model.encode_volume(images[rows, j : j + 1], m).float().cpu()
+                vs[rows, j] = v
+                ok = usable[rows, j]
+                if ok.any():
+                    per_mod[m]["v"].append(v[ok])
+                    per_mod[m]["t"].append(model.encode_text(emb[rows[ok], j].to(device)).float().cpu())
+                    per_mod[m]["ids"].append(ids[rows[ok], j])
+        labels.append(batch["label"])
+        study_v.append((vs, present))
+        row0 += b
+    merged = {m: {k: torch.cat(x) for k, x in d.items() if x} for m, d in per_mod.items()}
+    return {"per_modality": merged, "labels": torch.cat(labels), "study_v": study_v}
+
+
+def zero_shot_metrics(
+    model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], labels: Tensor, device: torch.device
+) -> dict[str, Any]:
+    """Zero-shot classification: mean over present modalities of ``exp(t_m) <g_m(z_m), h(prompt_c)>``.
+
+    Each class embedding is the normalised mean of its projected prompts.
+    """
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    with torch.no_grad():
+        c, p, d = bank.class_emb.shape
+        proj = model.encode_text(bank.class_emb.reshape(c * p, d).to(device)).float().cpu().reshape(c, p, -1)
+        mask = bank.class_mask.unsqueeze(-1).float()
+        cls = torch.nn.functional.normalize((proj * mask).sum(1), dim=-1)  # [C, k]
+        scale = model.logit_scale().detach().cpu()
+        mod_idx = torch.tensor([model.modality_index(m) for m in bank.modalities])
+        logits_all = []
+        for vs, present in study_v:
+            lg = torch.einsum("bmk,ck->bmc", vs, cls) * scale[mod_idx][None, :, None]
+            pm = present.unsqueeze(-1).float()
+            logits_all.append((lg * pm).sum(1) / pm.sum(1).clamp_min(1))
+        logits = torch.cat(logits_all)
+    keep = labels >= 0
+    y = labels[keep].numpy()
+    if len(y) == 0:
+        return {"n": 0}
+    prob = logits[keep].softmax(-1).numpy()
+    pred = prob.argmax(1)
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "chance_accuracy_majority": float(np.bincount(y).max() / len(y)),
+        "chance_balanced_accuracy": 1.0 / c,
+    }
+    present_classes = np.unique(y)
+    try:
+        if c == 2:
+            out["macro_auc"] = float(roc_auc_score(y, prob[:, 1])) if len(present_classes) == 2 else None
+        elif len(present_classes) == c:
+            out["macro_auc"] = float(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+        else:  # classes missing from the held-out split: average one-vs-rest over present ones
+            aucs = [roc_auc_score(y == k, prob[:, k]) for k in present_classes if 0 < (y == k).sum() < len(y)]
+            out["macro_auc"] = float(np.mean(aucs)) if aucs else None
+            out["macro_auc_note"] = f"over the {len(aucs)} classes present in the split"
+    except ValueError:
+        out["macro_auc"] = None
+    return out
+
+
+def evaluate_pretraining(
+    model: MedMAPPretrainModel, data: PretrainData, cfg: Mapping[str, Any], device: torch.device, cache: PreprocessCache | None
+) -> dict[str, Any]:
+    """Retrieval per modality and zero-shot classification per organ on the held-out split."""
+    ecfg = cfg.get("eval") or {}
+    ks = [int(k) for k in ecfg.get("ks", [1, 5, 10])]
+    precision = str(cfg["training"].get("precision", "auto"))
+    was_training = model.training
+    model.eval()
+    result: dict[str, Any] = {"split": data.held_out_split, "retrieval": {}, "zero_shot": {}}
+    for name, organ in data.organs.items():
+        studies = [s for s in data.held_out if s.organ == name]
+        if not studies:
+            continue
+        ds = StudyDataset(studies, organ, cache=cache)
+        emb = embed_held_out(model, ds, data.table, device, precision, int(ecfg.get("batch_size", 4)))
+        for m, d in emb["per_modality"].items():
+            if "v" in d and len(d["v"]) >= 2:
+                result["retrieval"][m] = {"organ": name, **retrieval_metrics(d["v"], d["t"], d["ids"], ks)}
+        result["zero_shot"][name] = zero_shot_metrics(model, data.banks[name], emb["study_v"], emb["labels"], device)
+    model.train(was_training)
+    r = result["retrieval"]
+    if r:
+        for k in ks:
+            for direction in ("v2t", "t2v"):
+                result[f"mean_{direction}_R@{k}"] = float(np.mean([x[f"{direction}_R@{k}"] for x in r.values()]))
+                result[f"mean_{direction}_R@{k}_chance"] = float(np.mean([x[f"{direction}_R@{k}_chance"] for x in r.values()]))
+    return result
+
+
+def metrics_markdown(metrics: Mapping[str, Any]) -> str:
+    """A Markdown report of :func:`evaluate_pretraining`'s output."""
+    lines = [f"# Stage-1 evaluation ({metrics['split']} split)", ""]
+    r = metrics["retrieval"]
+    if r:
+        ks = sorted({int(k.split("@")[1]) for x in r.values() for k in x if k.startswith("v2t_R@") and "chance" not in k})
+        head = ["modality", "organ", "volumes", "texts"]
+        for d in ("v2t", "t2v"):
+            head += [f"{d} R@{k} (chance)" for k in ks]
+        lines += ["## Retrieval", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m, x in r.items():
+            row = [m, x["organ"], str(int(x["n_volumes"])), str(int(x["n_texts"]))]
+            for d in ("v2t", "t2v"):
+                row += [f"{x[f'{d}_R@{k}']:.3f} ({x[f'{d}_R@{k}_chance']:.3f})" for k in ks]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Zero-shot classification from class prompts", "", "| organ | n | accuracy | balanced acc. | macro AUC | majority-class acc. |", "|---|---|---|---|---|---|"]
+    for organ, z in metrics["zero_shot"].items():
+        if not z.get("n"):
+            lines.append(f"| {organ} | 0 | - | - | - | - |")
+            continue
+        auc = "n/a" if z.get("macro_auc") is None else f"{z['macro_auc']:.3f}"
+        lines.append(
+            f"| {organ} | {z['n']} | {z['accuracy']:.3f} | {z['balanced_accuracy']:.3f} | {auc} | {z['chance_accuracy_majority']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any], name: str) -> None:
+    atomic_write_json(run_dir / "metrics" / f"{name}.json", metrics)
+    atomic_write_text(run_dir / "metrics" / f"{name}.md", metrics_markdown(metrics))
+
+
+# --------------------------------------------------------------------------- training
+def run_pretraining(
+    cfg: Mapping[str, Any], study_list: str | Path, run_dir: str | Path, resume: bool = False
+) -> dict[str, Any]:
+    """Train stage 1 and evaluate it; returns the final metrics (on rank 0, ``{}`` elsewhere).
+
+    Args:
+        cfg: resolved pre-training config (see ``medmap/configs/pretrain/default.yaml``).
+        study_list: the JSON Lines study list.
+        run_dir: run folder (created; with ``resume`` it must hold a checkpoint or be new).
+        resume: continue from ``RUN_DIR/checkpoints/last`` if present.
+    """
+    run_dir = Path(run_dir)
+    tcfg = cfg["training"]
+    rcfg = cfg.get("run") or {}
+    info = setup_distributed(str(rcfg.get("device", "auto")))
+    try:
+        seed = int(tcfg["seed"])
+        seed_everything(seed + info.rank)
+        last = find_checkpoint(run_dir, "last") if resume else None
+        if not resume and info.is_main and find_checkpoint(run_dir, "last") is not None:
+            raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved_config(run_dir, cfg)
+        data = prepare_data(cfg, study_list, info)
+        pcache_dir = (cfg["data"].get("cache_dir") or Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+        pcache = PreprocessCache(pcache_dir)
+        augment = None
+        acfg = cfg["data"].get("augment")
+        if acfg and acfg.get("enabled", True):
+            from medmap.data.augment import build_augmentation
+
+            augment = build_augmentation(acfg, seed=seed + 7919 * info.rank)
+        train_ds, organ_of = _organ_datasets(data.train, data.organs, pcache, augment)
+        sampler = OrganBatchSampler(organ_of, int(tcfg["batch_size"]), info.world_size, info.rank, seed)
+        steps_per_epoch = sampler.steps_per_epoch()
+        if steps_per_epoch == 0:
+            raise ConfigError("not enough training studies for one batch on every rank")
+        total_steps = int(tcfg.get("steps") or int(tcfg["epochs"]) * steps_per_epoch)
+
+        model = build_model(cfg, data.organs, text_dim=data.table.embeddings.shape[1]).to(info.device)
+        loss_fn = build_loss(cfg, model)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(tcfg.get("weight_decay", 0.05))}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(tcfg["lr"]),
+            betas=tuple(tcfg.get("betas", (0.9, 0.98))),
+        )
+        scheduler = warmup_cosine_schedule(
+            optimizer, int(tcfg.get("warmup_steps", 0)), total_steps, float(tcfg.get("min_lr_ratio", 0.0))
+        )
+        step = 0
+        if last is not None:
+            state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
+            step = int(state["step"])
+        train_model: nn.Module = model
+        if info.distributed:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
+            )
+        logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if last is not None else None)
+        precision = str(tcfg.get("precision", "auto"))
+        ckpt_every = int(tcfg.get("ckpt_every_steps", 0) or 0)
+        log_every = max(1, int(rcfg.get("log_every", 1)))
+        eval_every = int((cfg.get("eval") or {}).get("every_steps", 0) or 0)
+        best_score = -math.inf
+        if last is not None:
+            best_score = float(state.get("extra", {}).get("best_score", -math.inf))
+        bar = progress_bar(total_steps, initial=step, enabled=info.is_main and bool(rcfg.get("progress", True)))
+        model.train()
+        t0 = time.time()
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            seed_everything(seed * 1_000 + epoch * 10 + info.rank)
+            loader = DataLoader(
+                train_ds,
+                batch_sampler=sampler.rank_batches(epoch, skip),
+                collate_fn=collate_studies,
+                num_workers=int(rcfg.get("num_workers", 0)),
+                persistent_workers=False,
+            )
+            for batch in loader:
+                organ = data.organs[batch["organ"]]
+                present = batch["present"]
+                emb, ids, usable = batch_text(batch, data.table, present)
+                with autocast_context(precision, info.device):
+                    out = train_model(batch["images"].to(info.device), usable.to(info.device), organ.modalities, emb.to(info.device))
+                pi = out["pair_index"].cpu()
+                text_ids = ids[pi[:, 0], pi[:, 1]].to(info.device)
+                loss = loss_fn(out["v"].float(), out["t"].float(), text_ids, out["modality"], out["logit_scale"].float())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = clip_gradients(model, float(tcfg.get("grad_clip", 0) or 0))
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", organ=organ.name)
+                if step % log_every == 0 or step == total_steps:
+                    logger.log(
+                        step,
+                        {
+                            "loss": loss.item(),
+                            "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm,
+                            "epoch": epoch,
+                            "pairs": float(out["v"].shape[0]),
+                            "mean_logit_scale": float(out["logit_scale"].detach().mean()),
+                        },
+                    )
+                if eval_every and step % eval_every == 0 and step < total_steps and data.held_out:
+                    if info.is_main:
+                        metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
+                        score = metrics.get("mean_v2t_R@5", -math.inf)
+                        logger.log(step, {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k})
+                        if score > best_score:
+                            best_score = score
+                            save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
+                                            extra={"best_score": best_score, "metric": "mean_v2t_R@5"})
+                    barrier(info)
+                if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+                    if info.is_main:
+                        save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step,
+                                        epoch=epoch, config=cfg, extra={"best_score": best_score})
+                    barrier(info)
+                if step >= total_steps:
+                    break
+        bar.close()
+        train_time = time.time() - t0
+        metrics: dict[str, Any] = {}
+        if info.is_main:
+            logger.log(step, {"train_time_s": train_time})
+            if data.held_out:
+                metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
+                metrics["step"] = step
+                write_metrics(run_dir, metrics, f"pretrain_{data.held_out_split}")
+                if not eval_every:
+                    save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, config=cfg,
+                                    extra={"metric": "final (no periodic evaluation)"})
+            logger.close()
+        barrier(info)
+        return metrics
+    finally:
+        cleanup_distributed(info)

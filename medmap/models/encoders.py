@@ -1,0 +1,235 @@
+"""Modality-aware 3D vision encoders ``E_m``: one network per MRI modality.
+
+Architectures are data: ``medmap/configs/encoders/<name>.yaml`` (or any YAML path, or a
+dict) names a ``type`` (``vit`` or ``cnn``) and its sizes. :func:`build_encoders` builds
+one encoder per modality with separate weights (the MedMAP design) or, with
+``shared=True``, a single trunk used for every modality (the ablation "without
+modality-aware encoders").
+
+Every encoder maps a volume ``[B, 1, X, Y, Z]`` to an :class:`EncoderOutput`: tokens on a
+3D grid (row-major over the grid) and a pooled vector.
+
+Example:
+    >>> enc = build_encoders("cnn_small", {"t1": (32, 32, 32), "t2": (32, 32, 32)})
+    >>> out = enc(torch.zeros(2, 1, 32, 32, 32), modality="t2")
+    >>> out.tokens.shape, out.grid, out.pooled.shape
+    (torch.Size([2, 8, 128]), (2, 2, 2), torch.Size([2, 128]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit, TransformerBlock
+from torch import Tensor, nn
+
+from medmap.config import load_yaml, resolve_config_path
+from medmap.errors import ConfigError
+
+
+@dataclass
+class EncoderOutput:
+    """Output of one vision encoder.
+
+    Attributes:
+        tokens: ``[B, N, d]`` with ``N = gx * gy * gz``, row-major over the token grid.
+        grid: the token grid ``(gx, gy, gz)``.
+        pooled: ``[B, d]`` the pooled volume vector ``z_m``.
+    """
+
+    tokens: Tensor
+    grid: tuple[int, int, int]
+    pooled: Tensor
+
+
+def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """``[B, d, gx, gy, gz]`` -> tokens ``[B, N, d]`` and the grid."""
+    b, d, gx, gy, gz = x.shape
+    return x.flatten(2).transpose(1, 2), (gx, gy, gz)
+
+
+class ViT3DEncoder(nn.Module):
+    """A small 3D ViT: conv stem, conv patch embedding, learnable positional embedding,
+    MONAI transformer blocks, final layer norm, mean pooling.
+
+    The positional embedding is learnt on the grid of ``roi_size`` and trilinearly
+    interpolated when a volume of another size gives another grid.
+
+    Args:
+        roi_size: expected input size ``(X, Y, Z)``; sets the positional-embedding grid.
+        dim: token width.
+        depth: number of transformer blocks.
+        heads: attention heads.
+        mlp_ratio: MLP width / token width.
+        stem_channels: channels of the stride-2 conv stem (0 = no stem).
+        patch_size: patch size of the embedding applied after the stem.
+        dropout: dropout rate in the transformer blocks.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        dim: int = 192,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        stem_channels: int = 16,
+        patch_size: int = 8,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ConfigError(f"vit: dim ({dim}) must be divisible by heads ({heads})")
+        if depth < 1 or patch_size < 1:
+            raise ConfigError("vit: depth and patch_size must be positive")
+        self.dim = dim
+        if stem_channels > 0:
+            self.stem: nn.Module = Convolution(3, 1, stem_channels, strides=2, kernel_size=3, norm="instance", act="gelu")
+            in_ch, self.stride = stem_channels, 2 * patch_size
+        else:
+            self.stem, in_ch, self.stride = nn.Identity(), 1, patch_size
+        self.patch_embed = nn.Conv3d(in_ch, dim, kernel_size=patch_size, stride=patch_size)
+        grid = [max(1, self._out_size(int(s), stem_channels > 0, patch_size)) for s in roi_size]
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, int(dim * mlp_ratio), heads, dropout_rate=dropout, qkv_bias=True) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    @staticmethod
+    def _out_size(s: int, stem: bool, patch: int) -> int:
+        if stem:
+            s = (s + 1) // 2  # kernel 3, stride 2, "same" padding
+        return s // patch
+
+    def forward(self, x: Tensor) -> EncoderOutput:
+        x = self.patch_embed(self.stem(x))  # [B, d, gx, gy, gz]
+        pos = self.pos_embed
+        if pos.shape[2:] != x.shape[2:]:
+            pos = F.interpolate(pos, size=x.shape[2:], mode="trilinear", align_corners=False)
+        tokens, grid = _grid_tokens(x + pos)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        tokens = self.norm(tokens)
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=tokens.mean(1))
+
+
+class CNN3DEncoder(nn.Module):
+    """A small 3D residual CNN (MONAI ``ResidualUnit`` stages, each of stride 2).
+
+    Args:
+        channels: output channels of each stage; ``len(channels)`` stride-2 stages.
+        subunits: convolutions per residual unit.
+        dim: token width (a 1x1x1 convolution maps the last stage to it).
+        norm: MONAI norm name (``instance``, ``batch``, ...).
+        dropout: dropout rate inside the units.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | None = None,
+        channels: Sequence[int] = (8, 16, 32, 64),
+        subunits: int = 2,
+        dim: int = 128,
+        norm: str = "instance",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ConfigError("cnn: 'channels' must list at least one stage")
+        self.dim = dim
+        layers: list[nn.Module] = []
+        in_ch = 1
+        for ch in channels:
+            layers.append(
+                ResidualUnit(3, in_ch, int(ch), strides=2, subunits=subunits, norm=norm, dropout=dropout or None)
+            )
+            in_ch = int(ch)
+        self.stages = nn.Sequential(*layers)
+        self.stride = 2 ** len(channels)
+        self.to_tokens = nn.Conv3d(in_ch, dim, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> EncoderOutput:
+        tokens, grid = _grid_tokens(self.to_tokens(self.stages(x)))
+        tokens = self.norm(tokens)
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=tokens.mean(1))
+
+
+ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder}
+
+
+def load_arch(arch: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """An architecture config as a dict: a built-in name (``vit_small``), a YAML path or a dict."""
+    if isinstance(arch, Mapping):
+        cfg = dict(arch)
+    else:
+        cfg = load_yaml(resolve_config_path(arch, "encoders"))
+        cfg.setdefault("name", Path(str(arch)).stem)
+    if cfg.get("type") not in ARCH_TYPES:
+        raise ConfigError(f"encoder config: 'type' must be one of {sorted(ARCH_TYPES)}, got {cfg.get('type')!r}")
+    return cfg
+
+
+def build_encoder(arch: str | Path | Mapping[str, Any], roi_size: Sequence[int]) -> nn.Module:
+    """One vision encoder from an architecture config."""
+    cfg = load_arch(arch)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("type", "name")}
+    cls = ARCH_TYPES[cfg["type"]]
+    try:
+        return cls(roi_size=tuple(int(s) for s in roi_size), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"encoder config '{cfg.get('name', cfg['type'])}': {e}") from e
+
+
+class ModalityAwareEncoders(nn.Module):
+    """The vision encoders ``E_m`` of all modalities, called by modality name.
+
+    Args:
+        arch: architecture config (name, path or dict).
+        roi_sizes: modality name -> input size ``(X, Y, Z)``.
+        shared: one trunk for all modalities (ablation) instead of one per modality.
+    """
+
+    def __init__(
+        self, arch: str | Path | Mapping[str, Any], roi_sizes: Mapping[str, Sequence[int]], shared: bool = False
+    ) -> None:
+        super().__init__()
+        if not roi_sizes:
+            raise ConfigError("build_encoders: roi_sizes must name at least one modality")
+        self.arch = load_arch(arch)
+        self.modalities = list(roi_sizes)
+        self.shared = bool(shared)
+        if self.shared:
+            # the largest ROI fixes the ViT's positional grid; others are interpolated
+            roi = max((tuple(r) for r in roi_sizes.values()), key=lambda r: r[0] * r[1] * r[2])
+            self.trunk = build_encoder(self.arch, roi)
+            self.encoders = nn.ModuleDict()
+        else:
+            self.encoders = nn.ModuleDict({m: build_encoder(self.arch, r) for m, r in roi_sizes.items()})
+        first = self.trunk if self.shared else next(iter(self.encoders.values()))
+        self.dim: int = int(first.dim)
+        self.stride: int = int(first.stride)
+
+    def encoder_for(self, modality: str) -> nn.Module:
+        if modality not in self.modalities:
+            raise KeyError(f"no encoder for modality '{modality}'; known: {', '.join(self.modalities)}")
+        return self.trunk if self.shared else self.encoders[modality]
+
+    def forward(self, x: Tensor, modality: str) -> EncoderOutput:
+        """Encode ``x`` (``[B, 1, X, Y, Z]``) with the encoder of ``modality``."""
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"expected a volume batch [B, 1, X, Y, Z], got {tuple(x.shape)}")
+        return self.encoder_for(modality)(x)
+
+
+def build_encoders(
+    arch: str | Path | Mapping[str, Any], roi_sizes: Mapping[str, Sequence[int]], shared: bool = False
+) -> ModalityAwareEncoders:
+    """Build the modality-aware encoders (see :class:`ModalityAwareEncoders`)."""
+    return ModalityAwareEncoders(arch, roi_sizes, shared=shared)

@@ -1,0 +1,150 @@
+"""Shared engine utilities: checkpoints, resume, logging, schedules, precision, distributed."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmap.engines import common
+from medmap.engines.common import (
+    RunLogger,
+    autocast_context,
+    clip_gradients,
+    config_hash,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_resolved_config,
+    setup_distributed,
+    warmup_cosine_schedule,
+)
+from medmap.errors import CheckpointError
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = warmup_cosine_schedule(opt, 2, 10)
+    return model, opt, sched
+
+
+def _train(model, opt, sched, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).pow(2).sum().backward()
+        opt.step()
+        sched.step()
+
+
+def test_checkpoint_roundtrip_restores_everything(tmp_path: Path) -> None:
+    cfg = {"training": {"lr": 0.1}, "run": {"num_workers": 0}}
+    model, opt, sched = _setup()
+    _train(model, opt, sched, 3)
+    random.seed(5)
+    torch.manual_seed(5)
+    ckpt = save_checkpoint(tmp_path / "checkpoints" / "last", model, opt, sched, step=3, epoch=1, config=cfg, extra={"k": 1})
+    expected_draw = torch.rand(1)
+    assert find_checkpoint(tmp_path) == ckpt
+    m2, o2, s2 = _setup(seed=1)
+    # a volatile key may change on resume
+    state = load_checkpoint(ckpt, m2, o2, s2, config={**cfg, "run": {"num_workers": 4}})
+    assert state["step"] == 3 and state["epoch"] == 1 and state["extra"] == {"k": 1}
+    for a, b in zip(model.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert s2.get_last_lr() == sched.get_last_lr()
+    torch.testing.assert_close(torch.rand(1), expected_draw)  # RNG restored
+    _train(model, opt, sched, 2)
+    _train(m2, o2, s2, 2)
+    for a, b in zip(model.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(CheckpointError, match="different config"):
+        load_checkpoint(ckpt, m2, o2, s2, config={"training": {"lr": 0.2}})
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt, sched = _setup()
+    path = tmp_path / "checkpoints" / "last"
+    save_checkpoint(path, model, opt, sched, step=1)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(common.torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, opt, sched, step=2)
+    monkeypatch.undo()
+    assert torch.load(path / "state.pt", weights_only=True)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last"]  # no temporary leftovers
+
+
+def test_find_checkpoint_recovers_from_a_kill_between_renames(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = save_checkpoint(tmp_path / "checkpoints" / "last", model, opt, sched, step=4)
+    path.rename(tmp_path / "checkpoints" / ".last.old-123")  # state after the first rename
+    assert find_checkpoint(tmp_path) == path
+    assert torch.load(path / "state.pt", weights_only=True)["step"] == 4
+    assert find_checkpoint(tmp_path, "best") is None
+    (tmp_path / "checkpoints" / "broken").mkdir()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(tmp_path / "checkpoints" / "broken", model)
+
+
+def test_shared_weights_are_saved(tmp_path: Path) -> None:
+    lin = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({"a": lin, "b": lin})
+    save_checkpoint(tmp_path / "c", model, step=0)
+    m2 = torch.nn.ModuleDict({"a": (l2 := torch.nn.Linear(2, 2)), "b": l2})
+    load_checkpoint(tmp_path / "c", m2)
+    torch.testing.assert_close(m2["b"].weight, lin.weight)
+
+
+def test_run_logger_csv_and_resume(tmp_path: Path) -> None:
+    log = RunLogger(tmp_path, tensorboard=True)
+    for s in range(1, 5):
+        log.log(s, {"loss": 1.0 / s})
+    log.log(4, {"val_r1": 0.5})  # a new column extends the header
+    log.close()
+    assert any((tmp_path / "tb").iterdir())
+    log = RunLogger(tmp_path, resume_step=2, tensorboard=False)
+    log.log(3, {"loss": 0.3})
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and "val_r1" in rows[0]
+    RunLogger(tmp_path / "other", enabled=False).log(1, {"loss": 1})
+    assert not (tmp_path / "other").exists()
+
+
+def test_warmup_cosine_schedule() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine_schedule(opt, warmup_steps=3, total_steps=13, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lrs[13] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_precision_clip_config_and_single_process_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with autocast_context("fp32", torch.device("cpu")):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with autocast_context("bf16", torch.device("cpu")):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    lin = torch.nn.Linear(4, 4)
+    lin(torch.ones(1, 4) * 100).sum().backward()
+    before = clip_gradients(lin, 1.0)
+    assert before > 1.0 and clip_gradients(lin, None) == pytest.approx(1.0, rel=1e-4)
+    assert config_hash({"a": 1, "run": {"progress": True}}) == config_hash({"a": 1, "run": {"progress": False}})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+    save_resolved_config(tmp_path, {"a": {"b": [1, 2]}})
+    assert "b:" in (tmp_path / "config.yaml").read_text()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = setup_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)

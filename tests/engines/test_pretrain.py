@@ -1,0 +1,199 @@
+"""End-to-end stage-1 pre-training on tiny NIfTI studies: training, metrics, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from medmap.config import load_config
+from medmap.data.studylist import Study, write_study_list
+from medmap.engines.pretrain import OrganBatchSampler, retrieval_metrics, run_pretraining
+from medmap.text.encoder import FrozenTextEncoder
+
+MODS = ["t1", "t1ce", "t2", "flair"]
+SIDES = ["left frontal", "right frontal", "left occipital", "right occipital"]
+
+
+def _make_data(root: Path, n: int = 10) -> Path:
+    """Tiny 'brain' studies: a bright sphere with a blob whose place the findings describe."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    zz = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
+    head = (((zz - 9.5) ** 2).sum(0) < 81).astype(np.float32)
+    studies = []
+    for i in range(n):
+        where = i % 4
+        centre = np.array([6 if where % 2 == 0 else 13, 12 if where < 2 else 7, 10])
+        blob = (((zz - centre[:, None, None, None]) ** 2).sum(0) < 6).astype(np.float32)
+        paths, findings = {}, {}
+        mods = MODS if i % 3 else MODS[:3]  # some studies miss FLAIR
+        for j, m in enumerate(mods):
+            vol = head * (100 + 10 * j) + blob * (80 + 40 * (i % 2)) + rng.normal(0, 3, head.shape) * head
+            p = root / f"s{i}" / f"{m}.nii.gz"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), p)
+            paths[m] = p
+            findings[m] = f"{m} signal abnormality in the {SIDES[where]} lobe" if i % 5 else "no abnormality seen"
+        split = "val" if i >= n - 3 else "train"
+        studies.append(Study(f"s{i}", f"p{i}", "brain", paths, findings, "imp", "tumour" if i % 2 else "normal", split))
+    organ = yaml.safe_load(Path(__file__).parents[2].joinpath("medmap/configs/organs/brain.yaml").read_text())
+    organ["roi_size"] = [16, 16, 16]
+    organ["spacing"] = [2.5, 2.5, 2.5]
+    (root / "brain_tiny.yaml").write_text(yaml.safe_dump(organ))
+    return write_study_list(studies, root / "studies.jsonl")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_data(tmp_path_factory.mktemp("tiny"))
+
+
+def _overrides(data: Path, steps: int, every: int) -> list[str]:
+    return [
+        f"data.organs=[{data.parent / 'brain_tiny.yaml'}]",
+        f"training.steps={steps}",
+        f"training.ckpt_every_steps={every}",
+    ]
+
+
+def test_sampler_is_deterministic_single_organ_and_sharded() -> None:
+    organ_of = ["brain"] * 7 + ["liver"] * 5
+    s0, s1 = (OrganBatchSampler(organ_of, 2, world_size=2, rank=r, seed=3) for r in (0, 1))
+    assert s0.global_batches(1) == OrganBatchSampler(organ_of, 2, 2, 0, seed=3).global_batches(1)
+    assert s0.global_batches(1) != s0.global_batches(2)
+    for gb, b0, b1 in zip(s0.global_batches(1), s0.rank_batches(1), s1.rank_batches(1)):
+        assert len({organ_of[i] for i in gb}) == 1
+        assert not set(b0) & set(b1) and sorted(b0 + b1) == sorted(gb)
+    assert s0.rank_batches(1, skip=1) == s0.rank_batches(1)[1:]
+
+
+def test_retrieval_counts_duplicate_texts_as_correct() -> None:
+    v = torch.eye(4)
+    v[1] = torch.tensor([0.1, 0.0, 1.0, 0.0])  # volume 1 is closer to text 6 than to its own text 5
+    t = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])  # texts of 0 and 1 identical
+    r = retrieval_metrics(v, t, torch.tensor([5, 5, 6, 7]), ks=(1, 2))
+    assert r["n_texts"] == 3
+    assert r["v2t_R@1"] == pytest.approx(0.75) and r["v2t_R@2"] == 1.0
+    assert r["t2v_R@1"] == 1.0
+    assert r["v2t_R@1_chance"] == pytest.approx(1 / 3)
+    # t2v chance: the text with 2 positive volumes among 4 has 1/2 at k=1, the others 1/4
+    assert r["t2v_R@1_chance"] == pytest.approx((0.5 + 0.25 + 0.25) / 3)
+
+
+def test_pretrain_end_to_end_never_runs_the_text_encoder_in_the_loop(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config("tiny", "pretrain", _overrides(data, 6, 3) + [f"text.cache_dir={tmp_path / 'text'}"])
+    started = {"training": False}
+    real_encode, real_step = FrozenTextEncoder.encode, torch.optim.AdamW.step
+    calls = []
+
+    def encode(self, texts):
+        if started["training"]:
+            raise AssertionError("the text encoder ran inside the training loop")
+        calls.append(len(texts))
+        return real_encode(self, texts)
+
+    def step(self, *a, **k):
+        started["training"] = True
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(FrozenTextEncoder, "encode", encode)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run = tmp_path / "run"
+    metrics = run_pretraining(cfg, data, run)
+    assert calls, "texts should have been embedded before training"
+    assert started["training"]
+    for name in ("config.yaml", "log.csv", "metrics/pretrain_val.json", "metrics/pretrain_val.md",
+                 "checkpoints/last/model.safetensors", "checkpoints/last/state.pt", "checkpoints/best/model.safetensors"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    assert set(metrics["retrieval"]) <= set(MODS) and metrics["retrieval"]
+    assert 0.0 <= metrics["mean_v2t_R@1"] <= 1.0 and "mean_v2t_R@1_chance" in metrics
+    assert metrics["zero_shot"]["brain"]["n"] == 3
+    assert torch.load(run / "checkpoints/last/state.pt", weights_only=True)["step"] == 6
+    # second run on the same cache: the encoder is never even called
+    started["training"] = False
+    n_calls = len(calls)
+    run_pretraining(load_config("tiny", "pretrain", _overrides(data, 1, 1) + [f"text.cache_dir={tmp_path / 'text'}"]), data, tmp_path / "run2")
+    assert len(calls) == n_calls
+
+
+def _cli(data: Path, out: Path, overrides: list[str], resume: bool = False) -> list[str]:
+    cmd = ["pretrain", "--data", str(data), "--config", "tiny", "--out", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd + (["--resume"] if resume else [])
+
+
+@pytest.fixture(scope="module")
+def text_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text cache already holding every text of ``data`` (so subprocesses never load the encoder)."""
+    from medmap.data.studylist import read_study_list
+    from medmap.engines.pretrain import make_text_cache, study_texts
+    from medmap.text.prompts import TextTable, build_text_bank
+
+    root = tmp_path_factory.mktemp("text")
+    cache = make_text_cache({"text": {"cache_dir": str(root)}}, root)
+    TextTable(study_texts(read_study_list(data)), cache)
+    build_text_bank(data.parent / "brain_tiny.yaml", cache)
+    return root
+
+
+def test_kill_and_resume_gives_the_same_run(
+    data: Path, text_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medmap.cli.main import main
+
+    # one thread everywhere, so that the in-process runs compute bit-for-bit like the subprocess
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _kill_and_resume(data, text_dir, tmp_path, main)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume(data: Path, text_dir: Path, tmp_path: Path, main) -> None:
+    steps = 12
+    ov = _overrides(data, steps, 2) + [f"text.cache_dir={text_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medmap.cli.main", *_cli(data, killed, ov)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 180
+    while not (killed / "checkpoints" / "last" / "state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = torch.load(killed / "checkpoints/last/state.pt", weights_only=True)["step"]
+    assert 0 < done < steps
+
+    # resume through the command line (in this process: it reads RUN_DIR/config.yaml)
+    assert main(_cli(data, killed, [], resume=True)) == 0
+    assert torch.load(killed / "checkpoints/last/state.pt", weights_only=True)["step"] == steps
+    steps_logged = [int(line.split(",")[0]) for line in (killed / "log.csv").read_text().splitlines()[1:]]
+    assert steps_logged[:steps] == list(range(1, steps + 1))  # no duplicates from the killed run
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    # an uninterrupted run ends with the same weights: same data order, same steps
+    full = tmp_path / "full"
+    assert main(_cli(data, full, ov)) == 0
+    a = load_file(killed / "checkpoints/last/model.safetensors")
+    b = load_file(full / "checkpoints/last/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # starting again into a finished run folder without --resume is refused
+    assert main(_cli(data, full, ov)) == 2

@@ -1,0 +1,64 @@
+"""Modality-aware encoders: shapes of ViT / CNN / shared, configs as data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medmap.errors import ConfigError
+from medmap.models.encoders import EncoderOutput, build_encoders, load_arch
+
+
+@pytest.mark.parametrize("arch", ["vit_small", "cnn_small"])
+def test_default_archs_give_150_tokens_for_the_brain_roi(arch: str) -> None:
+    enc = build_encoders(arch, {"t1": (80, 96, 80), "t2wi": (96, 96, 64)})
+    out = enc(torch.randn(1, 1, 80, 96, 80), modality="t1")
+    assert isinstance(out, EncoderOutput)
+    assert out.grid == (5, 6, 5) and out.tokens.shape == (1, 150, enc.dim) and out.pooled.shape == (1, enc.dim)
+    assert enc(torch.randn(1, 1, 96, 96, 64), modality="t2wi").grid == (6, 6, 4)
+    # separate weights per modality
+    assert enc.encoders["t1"] is not enc.encoders["t2wi"]
+    assert enc.encoders["t1"].state_dict().keys() == enc.encoders["t2wi"].state_dict().keys()
+
+
+def test_tokens_are_row_major_over_the_grid() -> None:
+    enc = build_encoders({"type": "cnn", "channels": [4], "subunits": 1, "dim": 8}, {"t1": (8, 6, 4)})
+    x = torch.randn(2, 1, 8, 6, 4)
+    e = enc.encoder_for("t1")
+    grid_feat = e.to_tokens(e.stages(x))  # [B, d, gx, gy, gz]
+    out = enc(x, "t1")
+    gx, gy, gz = out.grid
+    ref = e.norm(grid_feat[:, :, 1, 2, 1])
+    torch.testing.assert_close(out.tokens[:, 1 * gy * gz + 2 * gz + 1], ref)
+
+
+def test_vit_interpolates_positional_embedding() -> None:
+    enc = build_encoders("vit_small", {"t1": (32, 32, 32)})
+    out = enc(torch.randn(1, 1, 48, 32, 16), modality="t1")
+    assert out.grid == (3, 2, 1)
+
+
+def test_shared_trunk_ablation() -> None:
+    rois = {"t1": (32, 32, 32), "flair": (32, 32, 32)}
+    sep = build_encoders("cnn_small", rois, shared=False)
+    shared = build_encoders("cnn_small", rois, shared=True)
+    assert shared.encoder_for("t1") is shared.encoder_for("flair")
+    n_sep = sum(p.numel() for p in sep.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert n_sep == 2 * n_shared
+    x = torch.randn(1, 1, 32, 32, 32)
+    torch.testing.assert_close(shared(x, "t1").pooled, shared(x, "flair").pooled)
+
+
+def test_bad_configs_and_inputs() -> None:
+    with pytest.raises(ConfigError, match="type"):
+        load_arch({"type": "resnet"})
+    with pytest.raises(ConfigError, match="unknown"):
+        build_encoders("no_such_arch", {"t1": (16, 16, 16)})
+    with pytest.raises(ConfigError, match="divisible"):
+        build_encoders({"type": "vit", "dim": 10, "heads": 4}, {"t1": (16, 16, 16)})
+    enc = build_encoders("cnn_small", {"t1": (16, 16, 16)})
+    with pytest.raises(KeyError, match="no encoder"):
+        enc(torch.zeros(1, 1, 16, 16, 16), "flair")
+    with pytest.raises(ValueError, match="B, 1"):
+        enc(torch.zeros(1, 2, 16, 16, 16), "t1")
