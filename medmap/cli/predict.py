@@ -1,0 +1,84 @@
+"""``medmap predict``: class probabilities and a saliency map for a new study.
+
+Example::
+
+    medmap predict runs/liver --study study.json          # a JSON object as in a study-list line
+    medmap predict runs/brain t1=sub/t1.nii.gz flair=sub/flair.nii.gz --out pred/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medmap.errors import StudyListError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict a new study with a fine-tuned run",
+        description="Preprocess a study with the shared preprocessing function, print and write class "
+        "probabilities, and write a Grad-CAM saliency map (NIfTI + PNG overlay through its peak).",
+    )
+    p.add_argument("run_dir", type=Path, help="fine-tuning run folder")
+    p.add_argument("volumes", nargs="*", metavar="MODALITY=PATH", help="the study's volumes, e.g. t1=t1.nii.gz")
+    p.add_argument("--study", type=Path, default=None,
+                   help="JSON file with one study (as one study-list line; relative paths resolve against its folder)")
+    p.add_argument("--study-id", default=None)
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
+    p.add_argument("--no-saliency", action="store_true", help="skip the Grad-CAM saliency map")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def parse_volumes(items: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        if "=" not in item:
+            raise StudyListError(f"volume argument '{item}' must look like MODALITY=PATH")
+        m, p = item.split("=", 1)
+        if m in out:
+            raise StudyListError(f"modality '{m}' given twice")
+        out[m.strip()] = Path(p)
+    return out
+
+
+def read_study_json(path: Path) -> tuple[str, dict[str, Path]]:
+    from medmap.data.studylist import _parse_line
+
+    if not path.is_file():
+        raise StudyListError(f"study file not found: {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StudyListError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(obj, dict):
+        obj.setdefault("patient_id", obj.get("study_id", "unknown"))
+        obj.setdefault("study_id", path.stem)
+        obj.setdefault("organ", "unknown")
+    study = _parse_line(obj, str(path), path.resolve().parent)
+    return study.study_id, study.modalities
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmap.inference import load_run, write_prediction
+
+    if args.study is not None and args.volumes:
+        raise StudyListError("give either --study or MODALITY=PATH arguments, not both")
+    if args.study is not None:
+        study_id, paths = read_study_json(args.study)
+    elif args.volumes:
+        paths = parse_volumes(args.volumes)
+        study_id = "study"
+    else:
+        raise StudyListError("nothing to predict: give --study STUDY.json or MODALITY=PATH arguments")
+    study_id = args.study_id or study_id
+    predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device)
+    pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out)
+    out_json = write_prediction(pred, args.out / f"{study_id}_prediction.json")
+    print(json.dumps(pred.to_json(), indent=1))
+    print(f"prediction written to {out_json}")
+    return 0

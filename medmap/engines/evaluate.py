@@ -1,0 +1,108 @@
+"""Evaluate a fine-tuned run on one split: every metric of the protocol, report and plots.
+
+``medmap evaluate RUN_DIR [--split test] [--data STUDY_LIST] [--drop-modality NAME ...]``
+runs :func:`evaluate_run`. The test split is meant to be read once, after model selection
+on the validation split has finished. Prediction goes through :mod:`medmap.inference`, the
+same code path as ``medmap predict``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medmap.data.cache import PreprocessCache
+from medmap.data.dataset import StudyDataset, collate_studies
+from medmap.data.split import ensure_splits
+from medmap.data.studylist import SPLITS, read_study_list
+from medmap.errors import ConfigError, StudyListError
+from medmap.evaluation.report import evaluate_and_report
+from medmap.inference import RUN_INFO_FILE, load_run, predict_probabilities
+from medmap.utils import atomic_write_text
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    data: str | Path | None = None,
+    which: str = "best",
+    n_bootstrap: int = 1000,
+    batch_size: int = 4,
+    drop_modalities: Sequence[str] = (),
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Predict every labelled study of ``split`` and write metrics, report and plots.
+
+    Args:
+        run_dir: a fine-tuning run folder.
+        split: ``train``, ``val`` or ``test``.
+        data: study list; default: the one the run was trained on.
+        which: checkpoint to evaluate (``best`` = selected on validation).
+        n_bootstrap: bootstrap resamples for the 95% confidence intervals.
+        batch_size: studies per forward pass.
+        drop_modalities: treat these modalities as missing in every study (robustness test).
+        out_dir: default ``RUN_DIR/metrics/<split>`` (``<split>_without_<m>`` when dropping).
+        device: ``auto``, ``cpu``, ``cuda``.
+
+    Returns:
+        The metrics dict (also written to ``out_dir/metrics.json``).
+    """
+    run_dir = Path(run_dir)
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    predictor = load_run(run_dir, which=which, device=device)
+    organ = predictor.organ
+    unknown = [m for m in drop_modalities if m not in organ.modalities]
+    if unknown:
+        raise ConfigError(f"--drop-modality {unknown}: not modalities of {organ.name} ({', '.join(organ.modalities)})")
+    info = json.loads((run_dir / RUN_INFO_FILE).read_text()) if (run_dir / RUN_INFO_FILE).is_file() else {}
+    study_list = Path(data or info.get("study_list", ""))
+    if not str(study_list) or not study_list.is_file():
+        raise StudyListError(f"study list not found ({study_list or 'none recorded in the run'}); pass --data")
+    seed = int((predictor_config(run_dir).get("training") or {}).get("seed", 0))
+    studies = [s for s in read_study_list(study_list, organ=organ.name) if s.label is not None]
+    studies = [s for s in ensure_splits(studies, seed=seed) if s.split == split]
+    if drop_modalities:
+        studies = [dataclasses.replace(s, modalities={m: p for m, p in s.modalities.items() if m not in drop_modalities})
+                   for s in studies]
+        studies = [s for s in studies if s.modalities]
+    if not studies:
+        raise StudyListError(f"{study_list}: no labelled {organ.name} studies in the {split} split")
+    cache = PreprocessCache(study_list.resolve().parent / ".medmap_cache" / "preprocess")
+    ds = StudyDataset(studies, organ, cache=cache)
+    batches = [list(range(i, min(len(ds), i + batch_size))) for i in range(0, len(ds), batch_size)]
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate_studies)
+    y, p, ids = predict_probabilities(predictor.model, loader, predictor.text_bank, predictor.device, predictor.precision)
+    name = split + ("_without_" + "_".join(drop_modalities) if drop_modalities else "")
+    out = Path(out_dir) if out_dir is not None else run_dir / "metrics" / name
+    context = {"run": str(run_dir), "checkpoint": which, "split": split, "study_list": str(study_list),
+               "dropped_modalities": list(drop_modalities), "n_bootstrap": n_bootstrap}
+    metrics = evaluate_and_report(y, p, organ.classes, out, title=f"{organ.name}: {name} split", extra=context,
+                                  n_bootstrap=n_bootstrap)
+    _write_predictions(out / "predictions.csv", ids, y, p, organ.classes)
+    metrics["output_dir"] = str(out)
+    return metrics
+
+
+def predictor_config(run_dir: Path) -> dict[str, Any]:
+    from medmap.config import load_yaml
+
+    return load_yaml(run_dir / "config.yaml")
+
+
+def _write_predictions(path: Path, ids: list[str], y: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["study_id", "label", "predicted", *[f"p_{c}" for c in classes]])
+    for sid, yi, pi in zip(ids, y, p):
+        w.writerow([sid, classes[int(yi)], classes[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi]])
+    atomic_write_text(path, buf.getvalue())

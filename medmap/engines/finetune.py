@@ -1,0 +1,325 @@
+"""Stage 2 engine: fine-tuning MedMAP for abnormality detection, with model selection on val.
+
+``medmap finetune --data STUDY_LIST --organ liver --config liver [--init PRETRAIN_RUN] --out RUN_DIR``
+runs :func:`run_finetuning`:
+
+1. read the organ's labelled studies, keep given splits and assign missing ones by patient;
+2. embed the organ's class prompts and modality descriptors once with the frozen text
+   encoder (through the on-disk cache) and store the embeddings in the run folder, so
+   neither training nor prediction ever runs the text encoder again;
+3. build :class:`~medmap.models.medmap.MedMAPClassifier`; initialise its encoders from a
+   stage-1 run (``--init``; skipped when ``ablation.pretrained`` is false);
+4. train with :class:`~medmap.losses.finetune.MedMAPLoss`, AdamW (encoders at
+   ``encoder_lr_scale`` when pre-trained), warm-up + cosine, autocast, gradient clipping;
+   checkpoints are atomic and ``--resume`` continues with the same data order;
+5. after every epoch, evaluate on the **validation** split and keep ``checkpoints/best``
+   by ``training.select_metric``; the test split is never read here (``medmap evaluate``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medmap.config import load_organ_config, load_yaml
+from medmap.data.cache import PreprocessCache
+from medmap.data.dataset import StudyDataset, collate_studies
+from medmap.data.split import ensure_splits
+from medmap.data.studylist import read_study_list
+from medmap.engines.common import (
+    DistInfo,
+    RunLogger,
+    autocast_context,
+    barrier,
+    cleanup_distributed,
+    clip_gradients,
+    find_checkpoint,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+    save_resolved_config,
+    setup_distributed,
+    warmup_cosine_schedule,
+)
+from medmap.engines.pretrain import OrganBatchSampler, make_text_cache
+from medmap.errors import CheckpointError, ConfigError, StudyListError
+from medmap.evaluation.metrics import compute_metrics
+from medmap.evaluation.report import evaluate_and_report
+from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
+from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
+from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
+from medmap.text.prompts import build_text_bank
+from medmap.utils import atomic_write_json, atomic_write_text, seed_everything
+
+
+def resolve_init_checkpoint(init: str | Path) -> Path:
+    """The weights file of a stage-1 run folder (``best``, else ``last``), a checkpoint
+    folder, or a ``.safetensors`` file."""
+    p = Path(init)
+    if p.is_file():
+        return p
+    if (p / "model.safetensors").is_file():
+        return p / "model.safetensors"
+    for which in ("best", "last"):
+        ck = find_checkpoint(p, which)
+        if ck is not None:
+            return ck / "model.safetensors"
+    raise CheckpointError(f"--init {init}: no stage-1 checkpoint found (expected checkpoints/best or checkpoints/last)")
+
+
+def _check_init_arch(cfg: Mapping[str, Any], init: Path) -> None:
+    """Refuse an ``--init`` run whose encoder arch / sharing differs from this config's."""
+    run_dir = init.parent.parent.parent if init.parent.parent.name == "checkpoints" else None
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return
+    pre = load_yaml(run_dir / "config.yaml")
+    pre_arch = (pre.get("encoder") or {}).get("arch")
+    arch = (cfg.get("encoder") or {}).get("arch")
+    if pre_arch is not None and arch is not None and pre_arch != arch:
+        raise ConfigError(f"--init run used encoder.arch={pre_arch!r} but this config has {arch!r}; "
+                          f"set encoder.arch={pre_arch} (e.g. --set encoder.arch={pre_arch})")
+    pre_shared = not bool((pre.get("encoder") or {}).get("modality_aware", True))
+    shared = not ablation_switches(cfg)["modality_aware"]
+    if pre_shared != shared:
+        raise ConfigError("--init run and this config disagree on modality-aware vs shared encoders "
+                          "(pretrain encoder.modality_aware vs finetune ablation.modality_aware)")
+
+
+def _loader(ds: StudyDataset, batches: list[list[int]], num_workers: int) -> DataLoader:
+    return DataLoader(ds, batch_sampler=batches, collate_fn=collate_studies, num_workers=num_workers)
+
+
+def run_finetuning(
+    cfg: Mapping[str, Any],
+    study_list: str | Path,
+    run_dir: str | Path,
+    resume: bool = False,
+    init: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune stage 2 and select the best epoch on the validation split.
+
+    Args:
+        cfg: resolved fine-tuning config (``medmap/configs/finetune/<organ>.yaml``).
+        study_list: JSON Lines study list (other organs' studies are ignored).
+        run_dir: run folder to create (or to continue with ``resume``).
+        resume: continue from ``RUN_DIR/checkpoints/last``.
+        init: stage-1 run folder or weights to initialise the encoders from.
+
+    Returns:
+        On rank 0, a summary with the best validation metrics; ``{}`` on other ranks.
+    """
+    run_dir = Path(run_dir)
+    tcfg = dict(cfg.get("training") or {})
+    rcfg = dict(cfg.get("run") or {})
+    info = setup_distributed(str(rcfg.get("device", "auto")))
+    try:
+        return _finetune(cfg, tcfg, rcfg, Path(study_list), run_dir, resume, init, info)
+    finally:
+        cleanup_distributed(info)
+
+
+def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any], study_list: Path, run_dir: Path,
+              resume: bool, init: str | Path | None, info: DistInfo) -> dict[str, Any]:
+    seed = int(tcfg.get("seed", 0))
+    seed_everything(seed + info.rank)
+    organ = load_organ_config(cfg["organ"])
+    abl = ablation_switches(cfg)
+    last = find_checkpoint(run_dir, "last") if resume else None
+    if info.is_main:
+        if not resume and find_checkpoint(run_dir, "last") is not None:
+            raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(run_dir, cfg)
+        atomic_write_text(run_dir / ORGAN_FILE, yaml.safe_dump(organ.to_dict(), sort_keys=False))
+
+    # ---- data
+    studies = read_study_list(study_list, organ=organ.name)
+    studies = [s for s in studies if s.label is not None]
+    if not studies:
+        raise StudyListError(f"{study_list}: no labelled {organ.name} studies")
+    studies = ensure_splits(studies, seed=seed)
+    train = [s for s in studies if s.split == "train"]
+    val = [s for s in studies if s.split == "val"]
+    if not train or not val:
+        raise StudyListError(f"{study_list}: fine-tuning needs labelled {organ.name} studies in both the train "
+                             f"and the val split (got {len(train)} train, {len(val)} val)")
+    dcfg = dict(cfg.get("data") or {})
+    cache_root = Path(dcfg.get("cache_dir") or study_list.resolve().parent / ".medmap_cache")
+    pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.get("cache_dir") else cache_root)
+    augment = None
+    acfg = dcfg.get("augment")
+    if acfg and acfg.get("enabled", True):
+        from medmap.data.augment import build_augmentation
+
+        augment = build_augmentation(acfg, seed=seed + 7919 * info.rank)
+    train_ds = StudyDataset(train, organ, cache=pcache, augment=augment)
+    val_ds = StudyDataset(val, organ, cache=pcache)
+    train_labels = np.array([train_ds.label_index(s) for s in train])
+
+    # ---- frozen text bank, embedded once (rank 0 first, the others read the cache / file)
+    bank = None
+    if abl["text"]:
+        if info.is_main and last is None:
+            tcache = make_text_cache(cfg, cache_root / "text")
+            built = build_text_bank(organ, tcache)
+            save_text_bank(built, run_dir, text_model=tcache.model_id)
+        barrier(info)
+        bank = load_text_bank(run_dir).to(info.device)
+
+    # ---- model
+    model = build_medmap_classifier(organ, cfg, int(bank.modality_emb.shape[1]) if bank is not None else None)
+    init_report: dict[str, Any] = {"init": None}
+    if abl["pretrained"] and init is not None and last is None:
+        weights = resolve_init_checkpoint(init)
+        _check_init_arch(cfg, weights)
+        rep = load_encoders_from_pretrain(model, weights)
+        init_report = {"init": str(weights), "loaded": len(rep.loaded), "missing": rep.missing[:20],
+                       "unexpected": len(rep.unexpected), "summary": rep.summary()}
+        if info.is_main:
+            print(f"encoders initialised from {weights}: {rep.summary()}")
+    elif abl["pretrained"] and init is None and last is None and info.is_main:
+        print("note: no --init stage-1 run given; encoders start from random initialisation")
+    model = model.to(info.device)
+    pretrained = init_report["init"] is not None
+    if last is not None:
+        prev = _read_json(run_dir / RUN_INFO_FILE)
+        pretrained = prev.get("init") is not None
+
+    # ---- loss, optimiser, schedule
+    cw = None
+    if (cfg.get("loss") or {}).get("class_weights") == "balanced":
+        cw = class_weights_from_labels(train_labels, organ.num_classes)
+    loss_fn = build_medmap_loss(cfg, organ.num_classes, class_weights=cw).to(info.device)
+    lr = float(tcfg.get("lr", 3e-4))
+    groups = model.parameter_groups(lr, float(tcfg.get("weight_decay", 0.05)),
+                                    float(tcfg.get("encoder_lr_scale", 1.0)) if pretrained else 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(tcfg.get("betas", (0.9, 0.999))))
+    batch_size = int(tcfg.get("batch_size", 2))
+    sampler = OrganBatchSampler([organ.name] * len(train), batch_size, info.world_size, info.rank, seed)
+    steps_per_epoch = sampler.steps_per_epoch()
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train)} training studies are too few for one batch on each of {info.world_size} ranks")
+    epochs = int(tcfg.get("epochs", 10))
+    total_steps = int(tcfg.get("steps") or epochs * steps_per_epoch)
+    scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch),
+                                       total_steps, float(tcfg.get("min_lr_ratio", 0.0)))
+    step = 0
+    best_score, best_epoch = -math.inf, -1
+    if last is not None:
+        state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
+        step = int(state["step"])
+        best_score = float(state["extra"].get("best_score", -math.inf))
+        best_epoch = int(state["extra"].get("best_epoch", -1))
+    elif info.is_main:
+        atomic_write_json(run_dir / RUN_INFO_FILE, {
+            "stage": "finetune", "organ": organ.name, "study_list": str(study_list.resolve()),
+            "n_train": len(train), "n_val": len(val), "world_size": info.world_size,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **init_report,
+        })
+
+    train_model: nn.Module = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True)
+    logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if last is not None else None)
+    precision = str(tcfg.get("precision", "auto"))
+    select = str(tcfg.get("select_metric", "balanced_accuracy"))
+    ckpt_every = max(1, int(tcfg.get("ckpt_every", 1)))
+    ckpt_every_steps = int(tcfg.get("ckpt_every_steps", 0) or 0)
+    num_workers = int(rcfg.get("num_workers", 0))
+    grad_clip = float(tcfg.get("grad_clip", 0) or 0)
+    bar = progress_bar(total_steps, initial=step, enabled=info.is_main and bool(rcfg.get("progress", True)),
+                       desc=f"finetune {organ.name}")
+    t0 = time.time()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        seed_everything(seed * 1_000 + epoch * 10 + info.rank)
+        model.train()
+        running: dict[str, float] = {}
+        n_seen = 0
+        for batch in _loader(train_ds, sampler.rank_batches(epoch, skip), num_workers):
+            labels = batch["label"].to(info.device)
+            with autocast_context(precision, info.device):
+                out = train_model(batch["images"].to(info.device), batch["present"].to(info.device), bank)
+            loss, parts = loss_fn({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_gradients(model, grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            n_seen += 1
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+            logger.log(step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              **{f"loss_{k}": float(v) for k, v in parts.items()}})
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            if ckpt_every_steps and step % ckpt_every_steps == 0 and not end_of_epoch:
+                if info.is_main:
+                    save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch,
+                                    config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
+                barrier(info)
+            if step >= total_steps:
+                break
+        # ---- end of epoch: validation + model selection (rank 0), checkpoints
+        if info.is_main:
+            y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
+                                            bank, info.device, precision)
+            m = compute_metrics(y, p, organ.classes, n_bootstrap=0)
+            score = float(m.get(select) if m.get(select) is not None else -math.inf)
+            logger.log(step, {"epoch": epoch, **{f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece")
+                                                  if m.get(k) is not None}})
+            bar.write(f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}: val {select}={score:.4f} "
+                      f"acc={m['accuracy']:.4f}" + (" (best)" if score > best_score else ""))
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
+                                extra={"best_score": best_score, "metric": select, "best_epoch": epoch})
+            if (epoch + 1) % ckpt_every == 0 or step >= total_steps:
+                save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
+                                config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
+        barrier(info)
+    bar.close()
+    summary: dict[str, Any] = {}
+    if info.is_main:
+        train_time = time.time() - t0
+        logger.log(step, {"train_time_s": train_time})
+        logger.close()
+        # validation report of the selected checkpoint
+        best = find_checkpoint(run_dir, "best")
+        if best is not None:
+            load_checkpoint(best, model, restore_rng=False)
+        y, p, ids = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
+                                          bank, info.device, precision)
+        val_metrics = evaluate_and_report(y, p, organ.classes, run_dir / "metrics" / "val",
+                                          title=f"{organ.name}: validation split (model selection)")
+        summary = {"organ": organ.name, "best_epoch": best_epoch, "select_metric": select, "best_score": best_score,
+                   "val": {k: val_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")},
+                   "train_time_s": train_time, "steps": step}
+        atomic_write_json(run_dir / "metrics" / "finetune_summary.json", summary)
+    barrier(info)
+    return summary
+
+
+def _chunks(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Read the run-info JSON (a small helper so resumption knows how the run started)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,160 @@
+"""End-to-end stage 2 on tiny NIfTI studies: fine-tune (from stage 1), resume, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medmap.cli.main import main
+from medmap.config import load_config
+from medmap.engines import finetune as ft
+from medmap.engines.evaluate import evaluate_run
+from medmap.engines.finetune import run_finetuning
+from medmap.engines.pretrain import run_pretraining
+from medmap.errors import CheckpointError, ConfigError, VolumeError
+from medmap.inference import load_run
+from tiny_studies import make_tiny_brain_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_brain_data(tmp_path_factory.mktemp("ft"), n=14, n_val=3, n_test=3)
+
+
+def _ft_cfg(data: Path, **over: str) -> dict:
+    items = [f"organ={data.parent / 'brain_tiny.yaml'}", "run.progress=false", "run.device=cpu"]
+    items += [f"{k}={v}" for k, v in over.items()]
+    return load_config("tiny", "finetune", items)
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "run"
+    cfg = load_config("tiny", "pretrain", [f"data.organs=[{data.parent / 'brain_tiny.yaml'}]", "training.steps=2"])
+    run_pretraining(cfg, data, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ft_run(data: Path, pretrain_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ftrun") / "run"
+    summary = run_finetuning(_ft_cfg(data), data, out, init=pretrain_run)
+    assert summary["steps"] == 2 * 4  # 8 train studies, batch 2, 2 epochs
+    return out
+
+
+def test_finetune_writes_a_complete_run(ft_run: Path, pretrain_run: Path) -> None:
+    for rel in ("config.yaml", "organ.yaml", "text_bank.safetensors", "run_info.json", "log.csv",
+                "checkpoints/best/model.safetensors", "checkpoints/last/state.pt", "metrics/val/metrics.json",
+                "metrics/val/report.md", "metrics/val/confusion_matrix.png"):
+        assert (ft_run / rel).is_file(), rel
+    info = json.loads((ft_run / "run_info.json").read_text())
+    assert info["init"].startswith(str(pretrain_run)) and info["loaded"] > 0
+    # the encoders really start from stage 1: compare one tensor with the stage-1 checkpoint
+    pre = load_file(str(pretrain_run / "checkpoints" / "best" / "model.safetensors"))
+    assert any(k.startswith("encoders.") for k in pre)
+
+
+def test_finetune_refuses_an_existing_run_and_a_mismatched_init(data: Path, ft_run: Path, pretrain_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--resume"):
+        run_finetuning(_ft_cfg(data), data, ft_run)
+    with pytest.raises(ConfigError, match="encoder.arch"):
+        run_finetuning(_ft_cfg(data, **{"encoder.arch": "cnn_small"}), data, tmp_path / "x", init=pretrain_run)
+    with pytest.raises(CheckpointError, match="no stage-1 checkpoint"):
+        run_finetuning(_ft_cfg(data), data, tmp_path / "y", init=tmp_path)
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _ft_cfg(data, **{"training.ckpt_every_steps": 2})
+    out = tmp_path / "run"
+    real = ft.progress_bar
+    calls = {"n": 0}
+
+    def dying_bar(*a, **k):  # noqa: ANN002, ANN003
+        bar = real(*a, **k)
+        orig = bar.update
+
+        def update(n: int = 1) -> None:
+            calls["n"] += 1
+            orig(n)
+            if calls["n"] == 6:  # mid-way through epoch 2, after the step-4 checkpoint
+                raise KeyboardInterrupt
+
+        bar.update = update
+        return bar
+
+    monkeypatch.setattr(ft, "progress_bar", dying_bar)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(cfg, data, out)
+    monkeypatch.setattr(ft, "progress_bar", real)
+    state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert state["step"] == 4
+    run_finetuning(cfg, data, out, resume=True)
+    assert torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=True)["step"] == 8
+    # an uninterrupted run with the same config ends with the same weights
+    ref = tmp_path / "ref"
+    run_finetuning(cfg, data, ref)
+    a = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(ref / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_writes_every_metric_and_plot(ft_run: Path) -> None:
+    m = evaluate_run(ft_run, split="test", n_bootstrap=50)
+    assert m["n"] == 3
+    for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "flattened_onehot_accuracy",
+              "per_class", "confusion_matrix"):
+        assert k in m, k
+    out = ft_run / "metrics" / "test"
+    for f in ("metrics.json", "report.md", "roc.png", "reliability.png", "confusion_matrix.png", "predictions.csv"):
+        assert (out / f).is_file(), f
+    dropped = evaluate_run(ft_run, split="test", n_bootstrap=0, drop_modalities=["flair"])
+    assert (ft_run / "metrics" / "test_without_flair" / "metrics.json").is_file()
+    assert dropped["n"] == 3
+
+
+def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    study = data.parent / "s13"
+    rc = main(["predict", str(ft_run), f"t1={study / 't1.nii.gz'}", f"t2={study / 't2.nii.gz'}",
+               "--study-id", "s13", "--out", str(tmp_path / "pred")])
+    assert rc == 0
+    pred = json.loads((tmp_path / "pred" / "s13_prediction.json").read_text())
+    assert pred["modalities_used"] == ["t1", "t2"] and set(pred["modalities_missing"]) == {"t1ce", "flair"}
+    assert abs(sum(pred["probabilities"].values()) - 1) < 1e-5
+    assert pred["predicted_class"] == max(pred["probabilities"], key=pred["probabilities"].get)
+    sal = nib.load(pred["saliency_nifti"])
+    assert sal.shape == (16, 16, 16) and np.isfinite(sal.get_fdata()).all()
+    assert Path(pred["saliency_png"]).stat().st_size > 1000
+    # the API gives the same probabilities as the command line
+    api = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"})
+    assert api.probabilities == pytest.approx(pred["probabilities"], abs=1e-5)
+
+
+def test_predict_gives_clear_errors(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    study = data.parent / "s13"
+    assert main(["predict", str(ft_run), f"t1={tmp_path / 'nope.nii.gz'}", "--out", str(tmp_path)]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert main(["predict", str(ft_run), f"dwi={study / 't1.nii.gz'}", "--out", str(tmp_path)]) == 2
+    assert "dwi" in capsys.readouterr().err
+    predictor = load_run(ft_run)
+    with pytest.raises(VolumeError):
+        predictor.predict({"t1": tmp_path / "missing.nii.gz"})
+    with pytest.raises(CheckpointError):
+        load_run(tmp_path)
+
+
+def test_inference_does_not_import_the_training_engines() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, medmap.inference; print(any(m.startswith('medmap.engines') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
