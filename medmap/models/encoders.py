@@ -52,6 +52,41 @@ def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x.flatten(2).transpose(1, 2), (gx, gy, gz)
 
 
+class PatchEmbed3d(nn.Module):
+    """Non-overlapping 3D patch embedding as a reshape plus ``nn.Linear``.
+
+    Mathematically a ``Conv3d`` with ``kernel_size == stride == patch``, but on CPU the
+    convolution's weight gradient over a full-resolution single-channel volume is several
+    times slower than one matrix multiplication (measured in ``benchmarks/perf.py``).
+    Input sizes that are not multiples of ``patch`` are cropped at the far end, like the
+    convolution would.
+
+    Args:
+        in_channels: input channels.
+        out_channels: embedding width.
+        patch: patch edge in voxels.
+
+    Example:
+        >>> pe = PatchEmbed3d(1, 8, 4)
+        >>> pe(torch.zeros(2, 1, 16, 12, 8)).shape
+        torch.Size([2, 8, 4, 3, 2])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, patch: int) -> None:
+        super().__init__()
+        self.patch = int(patch)
+        self.proj = nn.Linear(in_channels * self.patch**3, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, *size = x.shape
+        p = self.patch
+        g = [s // p for s in size]
+        x = x[:, :, : g[0] * p, : g[1] * p, : g[2] * p]
+        x = x.reshape(b, c, g[0], p, g[1], p, g[2], p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = self.proj(x.reshape(b, g[0] * g[1] * g[2], c * p**3))
+        return x.transpose(1, 2).reshape(b, -1, *g)
+
+
 class ViT3DEncoder(nn.Module):
     """A small 3D ViT: conv stem, conv patch embedding, learnable positional embedding,
     MONAI transformer blocks, final layer norm, mean pooling.
@@ -92,7 +127,7 @@ class ViT3DEncoder(nn.Module):
             in_ch, self.stride = stem_channels, 2 * patch_size
         else:
             self.stem, in_ch, self.stride = nn.Identity(), 1, patch_size
-        self.patch_embed = nn.Conv3d(in_ch, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed3d(in_ch, dim, patch_size)
         grid = [max(1, self._out_size(int(s), stem_channels > 0, patch_size)) for s in roi_size]
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -128,6 +163,9 @@ class CNN3DEncoder(nn.Module):
         dim: token width (a 1x1x1 convolution maps the last stage to it).
         norm: MONAI norm name (``instance``, ``batch``, ...).
         dropout: dropout rate inside the units.
+        stem_patch: when > 1, a non-overlapping ``stem_patch``-voxel patch embedding with
+            ``stem_channels`` channels runs first (overall stride ``stem_patch * 2**len(channels)``).
+        stem_channels: channels of that stem.
     """
 
     def __init__(
@@ -138,20 +176,30 @@ class CNN3DEncoder(nn.Module):
         dim: int = 128,
         norm: str = "instance",
         dropout: float = 0.0,
+        stem_patch: int = 1,
+        stem_channels: int = 16,
     ) -> None:
         super().__init__()
         if not channels:
             raise ConfigError("cnn: 'channels' must list at least one stage")
+        if stem_patch < 1:
+            raise ConfigError("cnn: 'stem_patch' must be at least 1")
         self.dim = dim
         layers: list[nn.Module] = []
         in_ch = 1
+        if stem_patch > 1:
+            # Patchify stem (kernel = stride): on CPU, full-resolution 3x3x3 convolutions dominate
+            # the cost of a 3D CNN; a non-overlapping patch embedding cuts it by ~stem_patch^3.
+            layers += [PatchEmbed3d(1, stem_channels, stem_patch),
+                       Convolution(3, stem_channels, stem_channels, kernel_size=1, norm=norm, act="gelu", conv_only=False)]
+            in_ch = stem_channels
         for ch in channels:
             layers.append(
                 ResidualUnit(3, in_ch, int(ch), strides=2, subunits=subunits, norm=norm, dropout=dropout or None)
             )
             in_ch = int(ch)
         self.stages = nn.Sequential(*layers)
-        self.stride = 2 ** len(channels)
+        self.stride = stem_patch * 2 ** len(channels)
         self.to_tokens = nn.Conv3d(in_ch, dim, kernel_size=1)
         self.norm = nn.LayerNorm(dim)
 

@@ -62,3 +62,16 @@ def test_bad_configs_and_inputs() -> None:
         enc(torch.zeros(1, 1, 16, 16, 16), "flair")
     with pytest.raises(ValueError, match="B, 1"):
         enc(torch.zeros(1, 2, 16, 16, 16), "t1")
+
+
+def test_patch_embedding_equals_a_strided_convolution() -> None:
+    from medmap.models.encoders import PatchEmbed3d
+
+    torch.manual_seed(0)
+    pe = PatchEmbed3d(2, 5, 4)
+    conv = torch.nn.Conv3d(2, 5, kernel_size=4, stride=4)
+    with torch.no_grad():
+        conv.weight.copy_(pe.proj.weight.reshape(5, 2, 4, 4, 4))
+        conv.bias.copy_(pe.proj.bias)
+    x = torch.randn(3, 2, 17, 12, 9)  # not multiples of 4: both drop the remainder
+    torch.testing.assert_close(pe(x), conv(x), rtol=1e-4, atol=1e-5)
