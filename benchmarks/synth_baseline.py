@@ -22,46 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from scipy import stats
 
-PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
-
-
-def modality_features(volume: np.ndarray, organ_mask: np.ndarray) -> np.ndarray:
-    """Statistics of the z-scored intensities inside the organ mask."""
-    body = volume[volume > 0]
-    inside = volume[organ_mask].astype(np.float64)
-    mu, sd = inside.mean(), inside.std() + 1e-6
-    z = (inside - mu) / sd
-    ref = body.mean() + 1e-6 if body.size else 1.0
-    feats = list(np.percentile(z, PERCENTILES))
-    feats += [float(stats.skew(z)), float(stats.kurtosis(z)), mu / ref, sd / ref, float((z > 2).mean()), float((z < -2).mean())]
-    return np.asarray(feats, dtype=np.float64)
-
-
-def study_features(record: tuple[str, dict[str, str], str]) -> dict[str, np.ndarray]:
-    """Features of one study: modality -> feature vector."""
-    base, modalities, mask_path = record
-    mask = np.asarray(nib.load(Path(base) / mask_path).dataobj) > 0
-    return {m: modality_features(np.asarray(nib.load(p).get_fdata(dtype=np.float32)), mask) for m, p in modalities.items()}
+# The features and the classifier live in the package, shared with the experiment grid's
+# "intensity statistics" row (medmap experiment ...).
+from medmap.experiments.baselines import PERCENTILES, fit_intensity_classifier, modality_features, study_features  # noqa: E402,F401
 
 
 def evaluate(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int = 0) -> dict[str, float]:
-    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import balanced_accuracy_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=5, max_iter=3000, scoring="accuracy", random_state=seed))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 API-transition notices
-        clf.fit(x_train, y_train)
+    clf = fit_intensity_classifier(x_train, y_train, seed=seed)
     pred = clf.predict(x_test)
     return {"accuracy": float((pred == y_test).mean()), "balanced_accuracy": float(balanced_accuracy_score(y_test, pred))}
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "medmap.cli.evaluate",
     "medmap.cli.predict",
     "medmap.cli.bench",
+    "medmap.cli.experiment",
     "medmap.cli.demo",
 ]
 

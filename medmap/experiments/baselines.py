@@ -1,0 +1,435 @@
+"""Baselines of the experiment grid, each evaluated with the same metrics as MedMAP.
+
+* **Intensity statistics** (:func:`run_intensity_baseline`): per modality, the raw volume is
+  z-scored inside the organ mask and summarised by percentiles, skewness, kurtosis, tail
+  fractions and the mask mean/SD relative to the foreground; logistic regression on all
+  modalities (C by cross-validation on the train split). MedMoM-Synth only: it needs the
+  generator's ``meta["organ_mask"]``. ``benchmarks/synth_baseline.py`` uses the same
+  functions.
+* **Supervised 3D CNN** (:func:`run_cnn_baseline`): a MONAI network
+  (``monai.networks.nets.<name>``, e.g. ``DenseNet`` or ``ResNet``) on the stacked
+  modalities of the shared preprocessing, with ``2 M`` input channels: the ``M`` volumes
+  (a missing modality is zeros) followed by ``M`` constant presence channels (1 present,
+  0 missing), so "missing" and "average intensity" (0 after z-scoring) differ. Same data
+  pipeline, augmentation, class-balanced loss, optimiser, schedule and model selection on
+  the validation split as stage 2.
+* **CLIP-style linear probe** (:func:`run_linear_probe`): the frozen encoder(s) of a
+  stage-1 run (by default the shared-encoder one), pooled features of every present
+  modality concatenated in the organ's modality order (zeros for a missing one) together
+  with the presence vector, or averaged over present modalities (``pool: mean``); a
+  standardised scikit-learn ``LogisticRegression`` whose ``C`` is chosen on the
+  validation split.
+
+Each writes ``RUN_DIR/metrics/test/metrics.json`` (plus report and plots) through
+:func:`medmap.evaluation.report.evaluate_and_report`; the test split is only predicted,
+never used for a choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from medmap.config import OrganConfig, load_organ_config
+from medmap.data.studylist import Study
+from medmap.errors import ConfigError, StudyListError
+
+PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
+
+
+# --------------------------------------------------------------------------- shared helpers
+def labelled_splits(study_list: str | Path, organ: OrganConfig, seed: int) -> dict[str, list[Study]]:
+    """The organ's labelled studies by split (missing splits assigned by patient, as the engines do)."""
+    from medmap.data.split import ensure_splits
+    from medmap.data.studylist import read_study_list
+
+    studies = [s for s in read_study_list(study_list, organ=organ.name) if s.label is not None]
+    if not studies:
+        raise StudyListError(f"{study_list}: no labelled {organ.name} studies")
+    studies = ensure_splits(studies, seed=seed)
+    out = {k: [s for s in studies if s.split == k] for k in ("train", "val", "test")}
+    for k in ("train", "test"):
+        if not out[k]:
+            raise StudyListError(f"{study_list}: no labelled {organ.name} studies in the {k} split")
+    return out
+
+
+def full_probabilities(clf: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """``predict_proba`` as ``[n, C]`` even when some classes were absent from training (p = 0)."""
+    p = clf.predict_proba(x)
+    out = np.zeros((len(x), num_classes), dtype=np.float64)
+    out[:, np.asarray(clf.classes_, dtype=int)] = p
+    return out
+
+
+def _report(y: np.ndarray, p: np.ndarray, organ: OrganConfig, run_dir: Path, split: str, title: str,
+            n_bootstrap: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    from medmap.evaluation.report import evaluate_and_report
+
+    return evaluate_and_report(y, p, organ.classes, run_dir / "metrics" / split, title=f"{organ.name}: {title} ({split})",
+                               extra={"split": split, **extra}, n_bootstrap=n_bootstrap if split == "test" else 0)
+
+
+# --------------------------------------------------------------------------- intensity statistics
+def modality_features(volume: np.ndarray, organ_mask: np.ndarray) -> np.ndarray:
+    """Statistics of the z-scored intensities inside the organ mask (16 numbers)."""
+    from scipy import stats
+
+    body = volume[volume > 0]
+    inside = volume[organ_mask].astype(np.float64)
+    if inside.size == 0:
+        raise StudyListError("organ mask is empty")
+    mu, sd = inside.mean(), inside.std() + 1e-6
+    z = (inside - mu) / sd
+    ref = body.mean() + 1e-6 if body.size else 1.0
+    feats = list(np.percentile(z, PERCENTILES))
+    feats += [float(stats.skew(z)), float(stats.kurtosis(z)), mu / ref, sd / ref, float((z > 2).mean()), float((z < -2).mean())]
+    return np.asarray(feats, dtype=np.float64)
+
+
+def study_features(record: tuple[str, Mapping[str, str], str]) -> dict[str, np.ndarray]:
+    """Features of one study, ``(list folder, modality -> path, organ-mask path)`` -> modality -> vector."""
+    import nibabel as nib
+
+    base, modalities, mask_path = record
+    mask = np.asarray(nib.load(Path(base) / mask_path).dataobj) > 0
+    return {m: modality_features(np.asarray(nib.load(p).get_fdata(dtype=np.float32)), mask) for m, p in modalities.items()}
+
+
+def fit_intensity_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0, cv: int = 5) -> Any:
+    """Standardised logistic regression, ``C`` by ``cv``-fold cross-validation on (x, y) only.
+
+    With fewer than two studies in the rarest class, cross-validation is impossible and
+    ``C = 1`` is used.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(cv, int(np.bincount(y)[np.unique(y)].min()))
+    if folds >= 2:
+        head = LogisticRegressionCV(Cs=8, cv=folds, max_iter=3000, scoring="accuracy", random_state=seed)
+    else:
+        head = LogisticRegression(C=1.0, max_iter=3000, random_state=seed)
+    clf = make_pipeline(StandardScaler(), head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn API-transition notices
+        clf.fit(x, y)
+    return clf
+
+
+def intensity_feature_matrix(studies: Sequence[Study], organ: OrganConfig, list_dir: Path,
+                             workers: int = 1) -> np.ndarray:
+    """All-modality intensity features ``[n, 16 M]``; a missing modality contributes zeros."""
+    records = []
+    for s in studies:
+        mask = (s.meta or {}).get("organ_mask")
+        if not mask:
+            raise StudyListError(f"study '{s.study_id}' has no meta['organ_mask']: the intensity baseline "
+                                 "needs MedMoM-Synth studies (or an organ mask recorded the same way)")
+        records.append((str(list_dir), {m: str(p) for m, p in s.modalities.items()}, str(mask)))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as ex:
+            feats = list(ex.map(study_features, records, chunksize=4))
+    else:
+        feats = [study_features(r) for r in records]
+    width = len(PERCENTILES) + 6
+    return np.stack([np.concatenate([f.get(m, np.zeros(width)) for m in organ.modalities]) for f in feats])
+
+
+def run_intensity_baseline(study_list: str | Path, organ: str | Path | OrganConfig, run_dir: str | Path,
+                           seed: int = 0, n_bootstrap: int = 1000, workers: int = 1) -> dict[str, Any]:
+    """Fit the intensity-statistics baseline on train and write its test metrics.
+
+    Returns:
+        The test metrics (``RUN_DIR/metrics/test/metrics.json``).
+    """
+    organ = load_organ_config(organ)
+    run_dir = Path(run_dir)
+    splits = labelled_splits(study_list, organ, seed)
+    base = Path(study_list).resolve().parent
+    y = {k: np.array([organ.classes.index(s.label) for s in v]) for k, v in splits.items()}
+    t0 = time.time()
+    x_train = intensity_feature_matrix(splits["train"], organ, base, workers)
+    x_test = intensity_feature_matrix(splits["test"], organ, base, workers)
+    clf = fit_intensity_classifier(x_train, y["train"], seed=seed)
+    p = full_probabilities(clf, x_test, organ.num_classes)
+    return _report(y["test"], p, organ, run_dir, "test", "intensity-statistics baseline", n_bootstrap,
+                   {"baseline": "intensity_statistics", "n_train": len(x_train), "seed": seed,
+                    "fit_time_s": time.time() - t0})
+
+
+# --------------------------------------------------------------------------- supervised 3D CNN
+class StackedModalityCNN(nn.Module):
+    """A MONAI 3D classification network on ``[images * present, present]`` (``2 M`` channels).
+
+    Args:
+        net: ``{"name": <class in monai.networks.nets>, **kwargs}``; the channel and class
+            arguments (``in_channels``/``out_channels`` or ``n_input_channels``/``num_classes``)
+            are filled in; ``spatial_dims`` defaults to 3.
+        num_modalities: ``M``.
+        num_classes: ``C``.
+
+    Example:
+        >>> m = StackedModalityCNN({"name": "DenseNet", "init_features": 4, "growth_rate": 4,
+        ...                         "block_config": [1, 1]}, num_modalities=2, num_classes=3)
+        >>> m(torch.zeros(1, 2, 16, 16, 16), torch.tensor([[True, False]])).shape
+        torch.Size([1, 3])
+    """
+
+    def __init__(self, net: Mapping[str, Any], num_modalities: int, num_classes: int) -> None:
+        super().__init__()
+        import monai.networks.nets as nets
+
+        kwargs = dict(net)
+        name = str(kwargs.pop("name", ""))
+        cls = getattr(nets, name, None)
+        if not name or not isinstance(cls, type):
+            raise ConfigError(f"cnn baseline: net.name must be a class of monai.networks.nets (e.g. DenseNet, ResNet), got {name!r}")
+        params = inspect.signature(cls).parameters
+        in_ch = 2 * num_modalities
+        if "in_channels" in params:
+            kwargs.update(in_channels=in_ch, out_channels=num_classes)
+        elif "n_input_channels" in params:
+            kwargs.update(n_input_channels=in_ch, num_classes=num_classes)
+        else:
+            raise ConfigError(f"cnn baseline: monai.networks.nets.{name} takes neither in_channels nor n_input_channels")
+        kwargs.setdefault("spatial_dims", 3)
+        try:
+            self.net = cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"cnn baseline: bad arguments for monai.networks.nets.{name}: {e}") from e
+        self.num_classes = num_classes
+
+    def forward(self, images: Tensor, present: Tensor) -> Tensor:
+        pres = present.to(images.dtype)[:, :, None, None, None].expand_as(images)
+        return self.net(torch.cat([images * pres, pres], dim=1))
+
+
+@torch.no_grad()
+def _predict_cnn(model: StackedModalityCNN, loader: DataLoader, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    from medmap.engines.common import autocast_context
+
+    model.eval()
+    ys, ps = [], []
+    for batch in loader:
+        with autocast_context(precision, device):
+            logits = model(batch["images"].to(device), batch["present"].to(device))
+        ps.append(logits.float().softmax(-1).cpu().numpy())
+        ys.append(batch["label"].numpy())
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: str | Path,
+                     n_bootstrap: int = 1000) -> dict[str, Any]:
+    """Train the stacked-modality MONAI CNN, select the epoch on val, evaluate on test.
+
+    Args:
+        cfg: ``organ`` (name or YAML path), ``net`` (see :class:`StackedModalityCNN`),
+            ``training`` (``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
+            ``warmup_epochs``, ``grad_clip``, ``precision``, ``select_metric``, ``seed``),
+            ``data.augment`` (as in stage 2), ``run.device``.
+        study_list: the study list.
+        run_dir: run folder; an interrupted run continues from ``checkpoints/last``.
+        n_bootstrap: bootstrap resamples of the test CIs.
+
+    Returns:
+        The test metrics (``RUN_DIR/metrics/test/metrics.json``).
+    """
+    from medmap.data.cache import PreprocessCache
+    from medmap.data.dataset import StudyDataset, collate_studies
+    from medmap.engines.common import (RunLogger, autocast_context, clip_gradients, find_checkpoint, load_checkpoint,
+                                       save_checkpoint, save_resolved_config, warmup_cosine_schedule)
+    from medmap.engines.pretrain import OrganBatchSampler
+    from medmap.evaluation.metrics import compute_metrics
+    from medmap.losses.finetune import class_weights_from_labels
+    from medmap.utils import pick_device, seed_everything
+
+    run_dir = Path(run_dir)
+    organ = load_organ_config(cfg["organ"])
+    tcfg = dict(cfg.get("training") or {})
+    seed = int(tcfg.get("seed", 0))
+    seed_everything(seed)
+    device = pick_device(str((cfg.get("run") or {}).get("device", "auto")))
+    splits = labelled_splits(study_list, organ, seed)
+    if not splits["val"]:
+        raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(run_dir, cfg)
+    pcache = PreprocessCache(Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+    augment = None
+    acfg = (cfg.get("data") or {}).get("augment")
+    if acfg and acfg.get("enabled", True):
+        from medmap.data.augment import build_augmentation
+
+        augment = build_augmentation(acfg, seed=seed)
+    train_ds = StudyDataset(splits["train"], organ, cache=pcache, augment=augment)
+    eval_ds = {k: StudyDataset(splits[k], organ, cache=pcache) for k in ("val", "test")}
+    bs = int(tcfg.get("batch_size", 2))
+    eval_loader = {k: DataLoader(d, batch_size=bs, shuffle=False, collate_fn=collate_studies) for k, d in eval_ds.items()}
+
+    model = StackedModalityCNN(cfg.get("net") or {"name": "DenseNet121"}, len(organ.modalities), organ.num_classes).to(device)
+    labels = np.array([train_ds.label_index(s) for s in splits["train"]])
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights_from_labels(labels, organ.num_classes).float().to(device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(tcfg.get("lr", 1e-3)),
+                                  weight_decay=float(tcfg.get("weight_decay", 0.01)))
+    sampler = OrganBatchSampler([organ.name] * len(train_ds), bs, 1, 0, seed)
+    steps_per_epoch = sampler.steps_per_epoch()
+    epochs = int(tcfg.get("epochs", 10))
+    total = epochs * steps_per_epoch
+    scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch), total,
+                                       float(tcfg.get("min_lr_ratio", 0.0)))
+    precision = str(tcfg.get("precision", "auto"))
+    select = str(tcfg.get("select_metric", "balanced_accuracy"))
+    step, best = 0, -math.inf
+    last = find_checkpoint(run_dir, "last")
+    if last is not None:
+        state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
+        step, best = int(state["step"]), float(state["extra"].get("best_score", -math.inf))
+    logger = RunLogger(run_dir, resume_step=step if last is not None else None, tensorboard=False)
+    t0 = time.time()
+    while step < total:
+        epoch = step // steps_per_epoch
+        seed_everything(seed * 1_000 + epoch * 10)
+        model.train()
+        loader = DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch), collate_fn=collate_studies)
+        for batch in loader:
+            with autocast_context(precision, device):
+                logits = model(batch["images"].to(device), batch["present"].to(device))
+            loss = loss_fn(logits.float(), batch["label"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(model, float(tcfg.get("grad_clip", 1.0) or 0))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            logger.log(step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+        y, p = _predict_cnn(model, eval_loader["val"], device, precision)
+        score = compute_metrics(y, p, organ.classes, n_bootstrap=0).get(select)
+        score = -math.inf if score is None else float(score)
+        logger.log(step, {"epoch": epoch, f"val_{select}": score})
+        if score > best:
+            best = score
+            save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
+                            extra={"best_score": best, "metric": select})
+        save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
+                        config=cfg, extra={"best_score": best})
+    logger.close()
+    load_checkpoint(run_dir / "checkpoints" / "best", model, restore_rng=False)
+    extra = {"baseline": "monai_cnn", "net": dict(cfg.get("net") or {}), "seed": seed,
+             "train_time_s": time.time() - t0, "input": "2M channels: volumes (missing = 0) + presence"}
+    y, p = _predict_cnn(model, eval_loader["val"], device, precision)
+    _report(y, p, organ, run_dir, "val", "3D CNN baseline", 0, extra)
+    y, p = _predict_cnn(model, eval_loader["test"], device, precision)
+    return _report(y, p, organ, run_dir, "test", "3D CNN baseline", n_bootstrap, extra)
+
+
+# --------------------------------------------------------------------------- CLIP-style linear probe
+def load_pretrain_model(pretrain_run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The stage-1 model of a pre-training run folder (``best`` weights, else ``last``), frozen."""
+    from safetensors.torch import load_file, load_model
+
+    from medmap.config import load_yaml
+    from medmap.engines.finetune import resolve_init_checkpoint
+    from medmap.engines.pretrain import build_model
+
+    pretrain_run = Path(pretrain_run)
+    cfg = load_yaml(pretrain_run / "config.yaml")
+    weights = resolve_init_checkpoint(pretrain_run)
+    sd = load_file(str(weights))
+    text_w = [v for k, v in sd.items() if k.startswith("text_proj.") and k.endswith("weight") and v.ndim == 2]
+    if not text_w:
+        raise ConfigError(f"{weights}: no text projection weights; is it a stage-1 checkpoint?")
+    organs = {o.name: o for o in (load_organ_config(x) for x in cfg["data"]["organs"])}
+    model = build_model(cfg, organs, text_dim=int(text_w[0].shape[1]))
+    load_model(model, str(weights), strict=True, device="cpu")
+    model.eval().requires_grad_(False)
+    return model, cfg
+
+
+@torch.no_grad()
+def frozen_features(model: nn.Module, dataset: Any, device: torch.device, pool: str = "concat",
+                    batch_size: int = 4) -> np.ndarray:
+    """Pooled encoder features of every study (see the module docstring for ``pool``)."""
+    from medmap.data.dataset import collate_studies
+
+    mods = dataset.organ.modalities
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_studies):
+        images, present = batch["images"].to(device), batch["present"]
+        b = images.shape[0]
+        feats = torch.zeros(b, len(mods), model.encoders.dim)
+        for j, m in enumerate(mods):
+            rows = present[:, j].nonzero(as_tuple=True)[0]
+            if rows.numel():
+                feats[rows, j] = model.encoders(images[rows, j : j + 1], m).pooled.float().cpu()
+        pres = present.float()
+        if pool == "mean":
+            x = (feats * pres[..., None]).sum(1) / pres.sum(1, keepdim=True).clamp(min=1)
+        else:
+            x = torch.cat([feats.flatten(1), pres], dim=1)
+        out.append(x.numpy())
+    return np.concatenate(out)
+
+
+def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: str | Path | OrganConfig,
+                     run_dir: str | Path, seed: int = 0, n_bootstrap: int = 1000, pool: str = "concat",
+                     cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), device: str = "auto") -> dict[str, Any]:
+    """Linear probe on frozen stage-1 encoder features; ``C`` chosen by val balanced accuracy.
+
+    Returns:
+        The test metrics (``RUN_DIR/metrics/test/metrics.json``).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from medmap.data.cache import PreprocessCache
+    from medmap.data.dataset import StudyDataset
+    from medmap.engines.common import save_resolved_config
+    from medmap.utils import pick_device, seed_everything
+
+    if pool not in ("concat", "mean"):
+        raise ConfigError(f"linear probe: pool must be 'concat' or 'mean', got {pool!r}")
+    seed_everything(seed)
+    organ = load_organ_config(organ)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(run_dir, {"baseline": "linear_probe", "pretrain_run": str(pretrain_run), "organ": organ.name,
+                                   "pool": pool, "cs": [float(c) for c in cs], "seed": seed})
+    dev = pick_device(device)
+    model, _ = load_pretrain_model(pretrain_run)
+    model.to(dev)
+    if any(m not in model.encoders.modalities for m in organ.modalities):
+        raise ConfigError(f"stage-1 run {pretrain_run} has no encoder for some {organ.name} modalities")
+    splits = labelled_splits(study_list, organ, seed)
+    if not splits["val"]:
+        raise StudyListError(f"{study_list}: the linear probe chooses C on the val split, which is empty")
+    pcache = PreprocessCache(Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+    x = {k: frozen_features(model, StudyDataset(v, organ, cache=pcache), dev, pool) for k, v in splits.items() if v}
+    y = {k: np.array([organ.classes.index(s.label) for s in v]) for k, v in splits.items()}
+    best, best_c = -math.inf, float(cs[0])
+    for c in cs:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=float(c), max_iter=3000, random_state=seed))
+        clf.fit(x["train"], y["train"])
+        score = balanced_accuracy_score(y["val"], clf.predict(x["val"]))
+        if score > best:
+            best, best_c = score, float(c)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=best_c, max_iter=3000, random_state=seed))
+    clf.fit(x["train"], y["train"])
+    extra = {"baseline": "linear_probe", "pretrain_run": str(pretrain_run), "pool": pool, "C": best_c,
+             "val_balanced_accuracy": float(best), "seed": seed}
+    _report(y["val"], full_probabilities(clf, x["val"], organ.num_classes), organ, run_dir, "val", "linear probe", 0, extra)
+    return _report(y["test"], full_probabilities(clf, x["test"], organ.num_classes), organ, run_dir, "test",
+                   "linear probe", n_bootstrap, extra)

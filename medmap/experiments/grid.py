@@ -1,0 +1,512 @@
+"""Run a grid of MedMAP ablations and baselines from one config file, resumably.
+
+``medmap experiment CONFIG --out DIR`` calls :func:`run_grid`. The config
+(``medmap/configs/experiments/*.yaml``) names the tasks, the seeds, the data, the shared
+stage-1 and stage-2 settings and the grid **rows**. Row kinds:
+
+* ``medmap``: stage-2 fine-tuning with ``ablation`` switches (and optional ``set``
+  overrides), initialised from the stage-1 run of the same seed whose sharing matches
+  ``ablation.modality_aware`` (none when ``ablation.pretrained`` is false);
+* ``cnn``: the supervised MONAI 3D CNN on stacked modalities
+  (:func:`medmap.experiments.baselines.run_cnn_baseline`);
+* ``linear_probe``: the CLIP-style linear probe on a frozen stage-1 run (``pretrain:
+  shared`` by default);
+* ``intensity``: the intensity-statistics baseline (MedMoM-Synth only);
+* ``drop_modality``: the test evaluation of a finished ``source`` row with each listed
+  modality removed in turn (one table row per modality).
+
+Layout of ``DIR`` (everything a later invocation needs to skip finished work)::
+
+    DIR/experiment.yaml                         the resolved experiment config
+    DIR/data/studies.jsonl                      MedMoM-Synth, generated once (data seed)
+    DIR/organs/<task>.yaml                      organ configs with the grid's sizes
+    DIR/pretrain/{aware,shared}_seed<s>/        stage-1 runs, shared by every row that uses them
+    DIR/runs/<task>/<row>/seed<s>/              one run; finished = metrics/test/metrics.json
+    DIR/results.md  results.csv  runs.csv       the tables (see medmap.experiments.table)
+    DIR/timings.csv                             wall time of every job (to size a grid)
+
+Each run is selected on the validation split; the test split is only predicted.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+from medmap.config import (OrganConfig, apply_overrides, deep_merge, load_config, load_organ_config,
+                           load_yaml, resolve_config_path)
+from medmap.errors import ConfigError, MedMAPError
+from medmap.experiments.table import RunResult, write_tables
+from medmap.utils import atomic_write_json, atomic_write_text
+
+ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "drop_modality")
+PRETRAIN_DONE = "pretrain_done.json"
+TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
+            "run", "rows"}
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class Row:
+    """One row of the grid (before expansion over tasks and seeds)."""
+
+    name: str
+    kind: str
+    label: str
+    seeds: tuple[int, ...]
+    tasks: tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ablation(self) -> dict[str, bool]:
+        return dict(self.options.get("ablation") or {})
+
+    def pretrain_setting(self) -> str | None:
+        """``aware`` / ``shared`` stage-1 run this row starts from, or ``None``."""
+        if self.kind == "medmap":
+            if not self.ablation.get("pretrained", True):
+                return None
+            return "aware" if self.ablation.get("modality_aware", True) else "shared"
+        if self.kind == "linear_probe":
+            setting = str(self.options.get("pretrain", "shared"))
+            if setting not in ("aware", "shared"):
+                raise ConfigError(f"row '{self.name}': pretrain must be 'aware' or 'shared', got {setting!r}")
+            return setting
+        return None
+
+
+def load_experiment_config(name_or_path: str | Path) -> dict[str, Any]:
+    """A built-in experiment config (``paper_grid``, ``tiny``) or a YAML path, checked."""
+    cfg = load_yaml(resolve_config_path(name_or_path, "experiments"))
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"experiment config: unknown keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
+    for key in ("tasks", "seeds", "rows"):
+        if not cfg.get(key):
+            raise ConfigError(f"experiment config: '{key}' must be a non-empty list")
+    cfg.setdefault("name", Path(str(name_or_path)).stem)
+    parse_rows(cfg)  # validate early
+    return cfg
+
+
+def parse_rows(cfg: Mapping[str, Any], seeds: Sequence[int] | None = None) -> list[Row]:
+    """The config's rows; ``seeds`` (from ``--seeds``) replaces every row's seed list."""
+    tasks = tuple(str(t) for t in cfg["tasks"])
+    rows: list[Row] = []
+    names: set[str] = set()
+    for i, raw in enumerate(cfg["rows"]):
+        if not isinstance(raw, Mapping) or "name" not in raw:
+            raise ConfigError(f"experiment config: rows[{i}] must be a mapping with a 'name'")
+        name, kind = str(raw["name"]), str(raw.get("kind", "medmap"))
+        if kind not in ROW_KINDS:
+            raise ConfigError(f"row '{name}': kind must be one of {list(ROW_KINDS)}, got {kind!r}")
+        if name in names:
+            raise ConfigError(f"experiment config: two rows are named '{name}'")
+        names.add(name)
+        row_tasks = tuple(str(t) for t in raw.get("tasks") or tasks)
+        bad = [t for t in row_tasks if t not in tasks]
+        if bad:
+            raise ConfigError(f"row '{name}': tasks {bad} are not in the experiment's tasks {list(tasks)}")
+        row_seeds = tuple(int(s) for s in (seeds if seeds else raw.get("seeds") or cfg["seeds"]))
+        options = {k: v for k, v in raw.items() if k not in ("name", "kind", "label", "seeds", "tasks")}
+        if kind == "medmap":
+            from medmap.models.medmap import ablation_switches
+
+            ablation_switches({"ablation": options.get("ablation") or {}})  # validates the switch names
+        rows.append(Row(name, kind, str(raw.get("label") or name), row_seeds, row_tasks, options))
+    for r in rows:
+        if r.kind == "drop_modality":
+            src = next((x for x in rows if x.name == r.options.get("source")), None)
+            if src is None or src.kind != "medmap":
+                raise ConfigError(f"row '{r.name}': 'source' must name a medmap row, got {r.options.get('source')!r}")
+    return rows
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    """One unit of work of the grid: done when ``done()`` is true."""
+
+    key: str
+    describe: str
+    done: Callable[[], bool]
+    run: Callable[[], Any]
+    needs: tuple[str, ...] = ()
+    result: Callable[[], RunResult | None] | None = None
+
+
+class ExperimentGrid:
+    """The planned grid: paths, resolved run configs and the job list.
+
+    Args:
+        cfg: experiment config (:func:`load_experiment_config`).
+        out: output folder.
+        seeds: replaces every row's seeds (``--seeds``).
+        only: restrict the jobs to these rows (entry names, or expanded ``drop_modality`` names).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None,
+                 only: Sequence[str] | None = None) -> None:
+        self.cfg = copy.deepcopy(dict(cfg))
+        self.out = Path(out)
+        self.rows = parse_rows(self.cfg, seeds)
+        self.tasks = [str(t) for t in self.cfg["tasks"]]
+        self.only = set(only or [])
+        known = {r.name for r in self.rows} | {n for r in self.rows for n in self._drop_names(r)}
+        unknown = self.only - known
+        if unknown:
+            raise ConfigError(f"--only {sorted(unknown)}: no such rows; rows: {', '.join(r.name for r in self.rows)}")
+        self.n_bootstrap = int((self.cfg.get("evaluate") or {}).get("n_bootstrap", 1000))
+        self.device = str((self.cfg.get("run") or {}).get("device", "auto"))
+        self.progress = bool((self.cfg.get("run") or {}).get("progress", False))
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def study_list(self) -> Path:
+        given = (self.cfg.get("data") or {}).get("study_list")
+        return Path(given) if given else self.out / "data" / "studies.jsonl"
+
+    def organ_path(self, task: str) -> Path:
+        return self.out / "organs" / f"{task}.yaml"
+
+    def pretrain_dir(self, setting: str, seed: int) -> Path:
+        return self.out / "pretrain" / f"{setting}_seed{seed}"
+
+    def run_dir(self, task: str, row: str, seed: int) -> Path:
+        return self.out / "runs" / task / row / f"seed{seed}"
+
+    # ---------------------------------------------------------------- organs and configs
+    def organ_config(self, task: str) -> OrganConfig:
+        """The task's organ config with the grid's replacements (``organs.<task>``)."""
+        spec = dict((self.cfg.get("organs") or {}).get(task) or {})
+        base = spec.pop("base", task)
+        organ = load_organ_config(base).to_dict()
+        organ.update(spec)
+        if organ["name"] != task:
+            raise ConfigError(f"organs.{task}: the organ config is named '{organ['name']}', expected '{task}'")
+        return OrganConfig.from_dict(organ)
+
+    def _arch(self) -> Any:
+        return (self.cfg.get("encoder") or {}).get("arch")
+
+    def pretrain_config(self, setting: str, seed: int) -> dict[str, Any]:
+        p = dict(self.cfg.get("pretrain") or {})
+        cfg = load_config(p.get("config", "default"), "pretrain", list(p.get("overrides") or []))
+        cfg = deep_merge(cfg, p.get("set") or {})
+        cfg["data"]["organs"] = [str(self.organ_path(t)) for t in self.tasks]
+        if self._arch() is not None:
+            cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
+        cfg["encoder"]["modality_aware"] = setting == "aware"
+        cfg["training"]["seed"] = int(seed)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        return cfg
+
+    def finetune_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
+        f = dict(self.cfg.get("finetune") or {})
+        name = f.get("config", task)
+        name = name.get(task, task) if isinstance(name, Mapping) else name
+        cfg = load_config(name, "finetune", list(f.get("overrides") or []))
+        cfg = deep_merge(cfg, f.get("set") or {})
+        cfg = deep_merge(cfg, (f.get("task_set") or {}).get(task) or {})
+        cfg = deep_merge(cfg, row.options.get("set") or {})
+        cfg = apply_overrides(cfg, list(row.options.get("overrides") or []))
+        cfg["organ"] = str(self.organ_path(task))
+        if self._arch() is not None:
+            cfg.setdefault("encoder", {})["arch"] = copy.deepcopy(self._arch())
+        cfg["ablation"] = {**(cfg.get("ablation") or {}), **row.ablation}
+        cfg.setdefault("training", {})["seed"] = int(seed)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        return cfg
+
+    def cnn_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
+        """Training settings default to the task's stage-2 ones (same pipeline and budget)."""
+        ft = self.finetune_config(task, Row(row.name, "medmap", row.label, row.seeds, row.tasks), seed)
+        t = ft.get("training") or {}
+        training = {k: t[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip",
+                                      "precision", "select_metric") if k in t}
+        training = {**training, **(row.options.get("training") or {}), "seed": int(seed)}
+        return {"organ": ft["organ"], "net": copy.deepcopy(row.options.get("net") or {"name": "DenseNet121"}),
+                "training": training, "data": {"augment": (ft.get("data") or {}).get("augment")},
+                "run": {"device": self.device}}
+
+    # ---------------------------------------------------------------- plan
+    def _drop_names(self, row: Row) -> list[str]:
+        if row.kind != "drop_modality":
+            return []
+        names = []
+        for task in row.tasks:
+            for m in self._drop_modalities(row, task):
+                names.append(f"{row.options['source']}_without_{m}")
+        return list(dict.fromkeys(names))
+
+    def _drop_modalities(self, row: Row, task: str) -> list[str]:
+        mods = row.options.get("modalities", "all")
+        organ_mods = self.organ_config(task).modalities
+        if mods == "all":
+            return list(organ_mods)
+        if isinstance(mods, Mapping):
+            mods = mods.get(task, [])
+        bad = [m for m in mods if m not in organ_mods]
+        if bad:
+            raise ConfigError(f"row '{row.name}': {bad} are not {task} modalities ({', '.join(organ_mods)})")
+        return [str(m) for m in mods]
+
+    def _selected(self, row: Row, name: str | None = None) -> bool:
+        return not self.only or row.name in self.only or (name is not None and name in self.only)
+
+    def jobs(self) -> list[Job]:
+        """Every job of the grid (filtered by ``only``, with the jobs they depend on), in run order."""
+        runs: list[Job] = []
+        needed_pretrain: set[tuple[str, int]] = set()
+        by_name = {r.name: r for r in self.rows}
+        for row in self.rows:
+            if row.kind == "drop_modality":
+                continue
+            for task in row.tasks:
+                for seed in row.seeds:
+                    selected = self._selected(row)
+                    # a selected drop_modality row needs its source runs
+                    for d in self.rows:
+                        if d.kind == "drop_modality" and d.options["source"] == row.name and task in d.tasks \
+                                and seed in d.seeds and (self._selected(d) or any(n in self.only for n in self._drop_names(d))):
+                            selected = True
+                    if not selected:
+                        continue
+                    setting = row.pretrain_setting()
+                    needs = ("data",) + ((f"pretrain:{setting}:{seed}",) if setting else ())
+                    if setting:
+                        needed_pretrain.add((setting, seed))
+                    runs.append(self._run_job(task, row, seed, needs))
+        for row in self.rows:
+            if row.kind != "drop_modality":
+                continue
+            src = by_name[row.options["source"]]
+            for task in [t for t in row.tasks if t in src.tasks]:
+                for m in self._drop_modalities(row, task):
+                    name = f"{src.name}_without_{m}"
+                    if not self._selected(row, name):
+                        continue
+                    for seed in [s for s in row.seeds if s in src.seeds]:  # only runs the source row makes
+                        runs.append(self._drop_job(task, row, src, m, seed))
+        pre = [self._pretrain_job(s, seed) for s, seed in sorted(needed_pretrain, key=lambda x: (x[1], x[0]))]
+        return [self._data_job(), *pre, *runs]
+
+    def _data_job(self) -> Job:
+        return Job("data", f"data: {self.study_list}", self.study_list.is_file, self._make_data)
+
+    def _pretrain_job(self, setting: str, seed: int) -> Job:
+        d = self.pretrain_dir(setting, seed)
+        return Job(f"pretrain:{setting}:{seed}", f"stage 1 ({setting} encoders, seed {seed}): {d}",
+                   lambda: (d / PRETRAIN_DONE).is_file(), lambda: self._pretrain(setting, seed), ("data",))
+
+    def _run_job(self, task: str, row: Row, seed: int, needs: tuple[str, ...]) -> Job:
+        d = self.run_dir(task, row.name, seed)
+        metrics = d / "metrics" / "test" / "metrics.json"
+        return Job(f"run:{task}:{row.name}:{seed}", f"{task} / {row.name} ({row.kind}), seed {seed}: {d}",
+                   metrics.is_file, lambda: self._run(task, row, seed), needs,
+                   lambda: _result(metrics, task, row.name, seed, row.label))
+
+    def _drop_job(self, task: str, row: Row, src: Row, modality: str, seed: int) -> Job:
+        d = self.run_dir(task, src.name, seed)
+        metrics = d / "metrics" / f"test_without_{modality}" / "metrics.json"
+        name = f"{src.name}_without_{modality}"
+        label = f"{src.label}, {modality} dropped at test"
+
+        def run() -> Any:
+            from medmap.engines.evaluate import evaluate_run
+
+            return evaluate_run(d, split="test", n_bootstrap=self.n_bootstrap, drop_modalities=[modality],
+                                device=self.device)
+
+        return Job(f"drop:{task}:{name}:{seed}", f"{task} / {name}, seed {seed}: {metrics.parent}", metrics.is_file,
+                   run, (f"run:{task}:{src.name}:{seed}",), lambda: _result(metrics, task, name, seed, label))
+
+    # ---------------------------------------------------------------- work
+    def write_organs(self) -> None:
+        for task in self.tasks:
+            text = yaml.safe_dump(self.organ_config(task).to_dict(), sort_keys=False)
+            p = self.organ_path(task)
+            if not p.is_file() or p.read_text() != text:
+                atomic_write_text(p, text)
+
+    def _make_data(self) -> Path:
+        from medmap.data.studylist import read_study_list, write_study_list
+        from medmap.data.synth.generate import generate, load_synth_config
+
+        d = dict(self.cfg.get("data") or {})
+        synth = load_synth_config(d.get("synth_config", "default"), list(d.get("synth_overrides") or []))
+        synth = deep_merge(synth, d.get("synth_set") or {})
+        n = d.get("n", 100)
+        studies = []
+        for task in self.tasks:
+            folder = self.out / "data" / task
+            count = int(n.get(task, 0) if isinstance(n, Mapping) else n)
+            if count < 1:
+                raise ConfigError(f"data.n: no study count for task '{task}'")
+            lst = folder / "studies.jsonl"
+            if not lst.is_file():
+                generate(folder, [task], count, seed=int(d.get("seed", 0)), config=synth,
+                         workers=int(d.get("workers", 1)), progress=self.progress)
+            for s in read_study_list(lst):
+                meta = dict(s.meta or {})
+                for key in ("organ_mask", "lesion_mask"):  # meta paths are relative to the list folder
+                    if meta.get(key):
+                        meta[key] = f"{task}/{meta[key]}"
+                studies.append(_replace(s, meta=meta))
+        return write_study_list(studies, self.study_list)
+
+    def _pretrain(self, setting: str, seed: int) -> Any:
+        from medmap.engines.pretrain import run_pretraining
+
+        d = self.pretrain_dir(setting, seed)
+        metrics = run_pretraining(self.pretrain_config(setting, seed), self.study_list, d, resume=True)
+        atomic_write_json(d / PRETRAIN_DONE, {"setting": setting, "seed": seed, "metrics": metrics})
+        return metrics
+
+    def _run(self, task: str, row: Row, seed: int) -> Any:
+        d = self.run_dir(task, row.name, seed)
+        if row.kind == "medmap":
+            from medmap.engines.evaluate import evaluate_run
+            from medmap.engines.finetune import run_finetuning
+
+            if not (d / "metrics" / "finetune_summary.json").is_file():
+                setting = row.pretrain_setting()
+                init = self.pretrain_dir(setting, seed) if setting else None
+                run_finetuning(self.finetune_config(task, row, seed), self.study_list, d, resume=True, init=init)
+            return evaluate_run(d, split="test", n_bootstrap=self.n_bootstrap, device=self.device)
+        if row.kind == "cnn":
+            from medmap.experiments.baselines import run_cnn_baseline
+
+            return run_cnn_baseline(self.cnn_config(task, row, seed), self.study_list, d, self.n_bootstrap)
+        if row.kind == "linear_probe":
+            from medmap.experiments.baselines import run_linear_probe
+
+            return run_linear_probe(self.pretrain_dir(str(row.pretrain_setting()), seed), self.study_list,
+                                    self.organ_path(task), d, seed=seed, n_bootstrap=self.n_bootstrap,
+                                    pool=str(row.options.get("pool", "concat")),
+                                    cs=[float(c) for c in row.options.get("cs", (0.01, 0.1, 1.0, 10.0))],
+                                    device=self.device)
+        if row.kind == "intensity":
+            from medmap.experiments.baselines import run_intensity_baseline
+
+            return run_intensity_baseline(self.study_list, self.organ_path(task), d, seed=seed,
+                                          n_bootstrap=self.n_bootstrap, workers=int(row.options.get("workers", 1)))
+        raise ConfigError(f"row '{row.name}': kind {row.kind!r} is not a run")  # pragma: no cover
+
+    def results(self) -> list[RunResult]:
+        """Every finished run of the whole grid (``only`` ignored), in row order."""
+        everything = ExperimentGrid(self.cfg, self.out, None, None)
+        everything.rows = self.rows  # keep --seeds
+        out = []
+        for job in everything.jobs():
+            if job.result is not None and job.done():
+                r = job.result()
+                if r is not None:
+                    out.append(r)
+        return out
+
+
+def _replace(study: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(study, **changes)
+
+
+def _result(path: Path, task: str, row: str, seed: int, label: str) -> RunResult | None:
+    import json
+
+    try:
+        return RunResult(task, row, seed, json.loads(path.read_text()), label)
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- driver
+@dataclass
+class GridReport:
+    """What :func:`run_grid` did."""
+
+    jobs: list[str]
+    ran: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    tables: dict[str, Path]
+
+
+def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequence[str] | None = None,
+             seeds: Sequence[int] | None = None, dry_run: bool = False, fail_fast: bool = False,
+             log: Callable[[str], None] = print) -> GridReport:
+    """Run (or continue) every unfinished job of the grid, then write the results tables.
+
+    Args:
+        cfg: experiment config dict, built-in name or YAML path.
+        out: output folder; rerunning with the same folder skips finished jobs.
+        only: run only these rows (and the stage-1 runs / data they need).
+        seeds: replace the config's seeds.
+        dry_run: print the plan with each job's status and write nothing.
+        fail_fast: stop at the first failing job (default: record it, skip what depends on
+            it, continue, and report it; its traceback goes to ``DIR/failures/``).
+        log: where progress lines go.
+
+    Returns:
+        A :class:`GridReport`; the tables are ``DIR/results.md``, ``results.csv``, ``runs.csv``.
+    """
+    if not isinstance(cfg, Mapping):
+        cfg = load_experiment_config(cfg)
+    grid = ExperimentGrid(cfg, out, seeds, only)
+    jobs = grid.jobs()
+    report = GridReport([j.key for j in jobs], [], [], {}, {})
+    if dry_run:
+        for j in jobs:
+            log(f"[{'done' if j.done() else 'todo'}] {j.describe}")
+        return report
+    grid.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(grid.out / "experiment.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
+    grid.write_organs()
+    for i, j in enumerate(jobs, 1):
+        if j.done():
+            report.skipped.append(j.key)
+            continue
+        blocked = [n for n in j.needs if n in report.failed]
+        if blocked:
+            report.failed[j.key] = f"skipped: {', '.join(blocked)} failed"
+            log(f"[{i}/{len(jobs)}] skip {j.describe} ({report.failed[j.key]})")
+            continue
+        log(f"[{i}/{len(jobs)}] {j.describe}")
+        t0 = time.time()
+        try:
+            j.run()
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the rest of a long grid
+            if fail_fast:
+                raise
+            report.failed[j.key] = f"{type(e).__name__}: {e}"
+            (grid.out / "failures").mkdir(exist_ok=True)
+            atomic_write_text(grid.out / "failures" / f"{j.key.replace(':', '_')}.txt", traceback.format_exc())
+            log(f"    FAILED: {report.failed[j.key]}")
+            if not isinstance(e, MedMAPError) and j.key == "data":
+                break
+            continue
+        _append_timing(grid.out / "timings.csv", j.key, time.time() - t0)
+        report.ran.append(j.key)
+    notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
+    report.tables = write_tables(grid.results(), grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
+    log(f"tables: {report.tables['markdown']} and {report.tables['csv']}")
+    if report.failed:
+        log(f"{len(report.failed)} job(s) failed or were skipped: {', '.join(report.failed)}")
+    return report
+
+
+def _append_timing(path: Path, key: str, seconds: float) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["job", "seconds"])
+        w.writerow([key, f"{seconds:.1f}"])

@@ -1,0 +1,162 @@
+"""The experiment runner: the tiny grid end to end (every row kind), resumption, planning, tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medmap.cli.main import main
+from medmap.errors import ConfigError
+from medmap.experiments.grid import ExperimentGrid, load_experiment_config, run_grid
+from medmap.experiments.table import (MetricSummary, RunResult, aggregate, format_cell, render_csv, render_markdown,
+                                      summarise_metric)
+
+EXPECTED_ROWS = ["full", "shared_encoder", "no_csa", "cnn", "linear_probe", "intensity", "full_without_arterial"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("grid") / "tiny"
+    report = run_grid("tiny", out, fail_fast=True, log=lambda _: None)
+    return out, report
+
+
+# --------------------------------------------------------------------------- end to end
+def test_tiny_grid_writes_both_tables_with_every_row(grid: tuple[Path, object]) -> None:
+    out, report = grid
+    assert not report.failed
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["row"] for r in rows] == EXPECTED_ROWS
+    assert {r["task"] for r in rows} == {"liver"}
+    for r in rows:
+        assert r["n_seeds"] == "1" and r["n_test"] == "3"
+        acc = float(r["accuracy_mean"])
+        assert 0.0 <= float(r["accuracy_ci_low"]) <= acc <= float(r["accuracy_ci_high"]) <= 1.0
+        assert r["accuracy_std"] == ""  # one seed: no standard deviation
+    md = (out / "results.md").read_text()
+    assert "## liver" in md and "| MedMAP (full), arterial dropped at test | 1 | 3 |" in md
+    assert md.count("\n| ") == len(EXPECTED_ROWS) + 1  # header + one line per row
+    with (out / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(EXPECTED_ROWS)
+
+
+def test_rows_use_the_right_stage1_runs_and_settings(grid: tuple[Path, object]) -> None:
+    out, _ = grid
+    load = lambda p: yaml.safe_load((out / p).read_text())  # noqa: E731
+    assert load("pretrain/aware_seed0/config.yaml")["encoder"]["modality_aware"] is True
+    assert load("pretrain/shared_seed0/config.yaml")["encoder"]["modality_aware"] is False
+    # the shared-encoder row starts from the shared stage-1 run; the others from the aware one
+    info = {r: json.loads((out / f"runs/liver/{r}/seed0/run_info.json").read_text()) for r in ("full", "shared_encoder", "no_csa")}
+    assert "/pretrain/shared_seed0/" in info["shared_encoder"]["init"]
+    assert "/pretrain/aware_seed0/" in info["full"]["init"] and "/pretrain/aware_seed0/" in info["no_csa"]["init"]
+    assert load("runs/liver/shared_encoder/seed0/config.yaml")["ablation"]["modality_aware"] is False
+    assert load("runs/liver/no_csa/seed0/config.yaml")["ablation"]["csa"] is False
+    # the organ sizes of the grid reach every run
+    assert load("runs/liver/full/seed0/organ.yaml")["roi_size"] == [16, 16, 16]
+    probe = json.loads((out / "runs/liver/linear_probe/seed0/metrics/test/metrics.json").read_text())["context"]
+    assert probe["pretrain_run"].endswith("pretrain/shared_seed0") and probe["C"] in (0.1, 1.0)
+    cnn = json.loads((out / "runs/liver/cnn/seed0/metrics/test/metrics.json").read_text())
+    assert cnn["context"]["baseline"] == "monai_cnn" and cnn["n"] == 3
+    drop = json.loads((out / "runs/liver/full/seed0/metrics/test_without_arterial/metrics.json").read_text())
+    assert drop["context"]["dropped_modalities"] == ["arterial"]
+    # model selection never reads the test split: the stage-2 summary only has val metrics
+    summary = json.loads((out / "runs/liver/full/seed0/metrics/finetune_summary.json").read_text())
+    assert "val" in summary and "test" not in summary
+
+
+def test_rerun_skips_finished_runs_and_redoes_a_missing_one(grid: tuple[Path, object]) -> None:
+    out, first = grid
+    before = (out / "results.csv").read_text()
+    again = run_grid("tiny", out, fail_fast=True, log=lambda _: None)
+    assert again.ran == [] and set(again.skipped) == set(first.jobs)
+    assert (out / "results.csv").read_text() == before
+    (out / "runs/liver/intensity/seed0/metrics/test/metrics.json").unlink()
+    third = run_grid("tiny", out, fail_fast=True, log=lambda _: None)
+    assert third.ran == ["run:liver:intensity:0"]
+    assert (out / "results.csv").read_text() == before  # deterministic baseline, same numbers
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(grid: tuple[Path, object], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = grid
+    assert main(["experiment", "tiny", "--out", str(out), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10 and all(line.startswith("[done]") for line in lines)
+    fresh = tmp_path / "fresh"
+    assert main(["experiment", "tiny", "--out", str(fresh), "--dry-run", "--only", "cnn"]) == 0
+    assert capsys.readouterr().out.count("[todo]") == 2  # data + the CNN run
+    assert not fresh.exists()
+
+
+# --------------------------------------------------------------------------- planning
+def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Path) -> None:
+    cfg = load_experiment_config("tiny")
+    keys = [j.key for j in ExperimentGrid(cfg, tmp_path, only=["linear_probe"]).jobs()]
+    assert keys == ["data", "pretrain:shared:0", "run:liver:linear_probe:0"]
+    keys = [j.key for j in ExperimentGrid(cfg, tmp_path, only=["full_without_arterial"]).jobs()]
+    assert keys == ["data", "pretrain:aware:0", "run:liver:full:0", "drop:liver:full_without_arterial:0"]
+    keys = [j.key for j in ExperimentGrid(cfg, tmp_path, seeds=[0, 1], only=["full", "shared_encoder"]).jobs()]
+    assert [k for k in keys if k.startswith("pretrain")] == ["pretrain:aware:0", "pretrain:shared:0",
+                                                             "pretrain:aware:1", "pretrain:shared:1"]
+    assert sum(k.startswith("run:") for k in keys) == 4
+    paper = load_experiment_config("paper_grid")
+    jobs = ExperimentGrid(paper, tmp_path).jobs()
+    assert sum(j.key.startswith("pretrain") for j in jobs) == 2 * len(paper["seeds"])
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"name": "x", "kind": "svm"}, "kind must be one of"),
+    ({"name": "x", "kind": "medmap", "ablation": {"no_such_switch": False}}, "unknown ablation switches"),
+    ({"name": "x", "kind": "drop_modality", "source": "intensity"}, "must name a medmap row"),
+    ({"name": "full", "kind": "medmap"}, "two rows are named"),
+])
+def test_bad_rows_are_clear_config_errors(tmp_path: Path, row: dict, match: str) -> None:
+    cfg = load_experiment_config("tiny")
+    cfg["rows"] = cfg["rows"] + [row]
+    with pytest.raises(ConfigError, match=match):
+        ExperimentGrid(cfg, tmp_path)
+
+
+def test_unknown_only_row_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such rows"):
+        ExperimentGrid(load_experiment_config("tiny"), tmp_path, only=["nope"])
+
+
+# --------------------------------------------------------------------------- aggregation
+def _r(row: str, seed: int, acc: float | None, ci: list[float] | None, auc: float | None = None) -> RunResult:
+    return RunResult("liver", row, seed, {"n": 40, "accuracy": acc, "macro_auc": auc,
+                                          "ci": {"accuracy": ci, "macro_auc": None}}, label=row.upper())
+
+
+def test_aggregate_mean_std_and_ci_over_seeds() -> None:
+    results = [_r("full", 2, 0.70, [0.55, 0.85], 0.9), _r("full", 0, 0.60, [0.45, 0.75], None),
+               _r("full", 1, 0.80, [0.65, 0.95], 0.8), _r("cnn", 0, 0.5, [0.4, 0.6])]
+    rows = aggregate(results)
+    assert [r.row for r in rows] == ["full", "cnn"]
+    full = rows[0]
+    assert full.seeds == [0, 1, 2] and full.label == "FULL"
+    acc = full.summary["accuracy"]
+    assert acc.mean == pytest.approx(0.70) and acc.std == pytest.approx(0.10)  # sample SD of 0.6, 0.7, 0.8
+    assert (acc.ci_low, acc.ci_high) == (pytest.approx(0.55), pytest.approx(0.85))
+    auc = full.summary["macro_auc"]  # undefined in one run: averaged over the two where it is defined
+    assert auc.mean == pytest.approx(0.85) and auc.n_values == 2 and auc.ci_low is None
+    cnn = rows[1].summary["accuracy"]
+    assert cnn.std is None and cnn.n_values == 1
+    assert summarise_metric([None, None], [None, None]) == MetricSummary(None, None, None, None, 0)
+
+
+def test_rendered_tables() -> None:
+    rows = aggregate([_r("full", 0, 0.6, [0.45, 0.75]), _r("full", 1, 0.8, [0.65, 0.95])])
+    md = render_markdown(rows, title="T")
+    assert "| FULL | 2 | 40 | 0.700 ± 0.141 [0.550, 0.850] |" in md
+    assert format_cell(MetricSummary(0.5, None, None, None, 1), with_ci=True) == "0.500"
+    lines = render_csv(rows).splitlines()
+    head = lines[0].split(",")
+    vals = dict(zip(head, lines[1].split(",")))
+    assert vals["accuracy_mean"] == "0.700000" and vals["accuracy_std"] == "0.141421"
+    assert vals["accuracy_ci_low"] == "0.550000" and vals["seeds"] == "0 1" and vals["macro_auc_mean"] == ""
