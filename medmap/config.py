@@ -199,3 +199,16 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def resolve_run_config(
+    name_or_path: str | Path, kind: str, overrides: list[str], run_dir: str | Path, resume: bool
+) -> dict[str, Any]:
+    """The config of a training command: on ``--resume`` the run's own saved ``config.yaml``
+    (overrides may then only change the volatile ``run.*`` keys, checked on load), otherwise
+    the named / given config with ``overrides`` applied."""
+    saved = Path(run_dir) / "config.yaml"
+    if resume and saved.is_file():
+        return apply_overrides(load_yaml(saved), overrides)
+    return load_config(name_or_path, kind, overrides)
+

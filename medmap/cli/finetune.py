@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from medmap.config import apply_overrides, load_config, load_yaml
+from medmap.config import resolve_run_config
+from medmap.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,16 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from medmap.engines.finetune import run_finetuning
 
-    saved = args.out / "config.yaml"
-    if args.resume and saved.is_file():
-        cfg = apply_overrides(load_yaml(saved), args.overrides)
-    else:
-        name = args.config or (Path(args.organ).stem if args.organ else None)
-        if name is None:
-            raise SystemExit("error: give --organ or --config")
-        cfg = load_config(name, "finetune", args.overrides)
-        if args.organ:
-            cfg["organ"] = args.organ
+    name = args.config or (Path(args.organ).stem if args.organ else None)
+    if name is None and not args.resume:
+        raise ConfigError("give --organ or --config")
+    cfg = resolve_run_config(name or "", "finetune", args.overrides, args.out, args.resume)
+    if args.organ and not (args.resume and (args.out / "config.yaml").is_file()):
+        cfg["organ"] = args.organ
     summary = run_finetuning(cfg, args.data, args.out, resume=args.resume, init=args.init)
     if summary:
         print(json.dumps(summary, indent=1, default=str))

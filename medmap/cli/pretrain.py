@@ -13,7 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-from medmap.config import load_config, load_yaml
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,15 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmap.config import apply_overrides
+    from medmap.config import resolve_run_config
     from medmap.engines.pretrain import run_pretraining
 
-    saved = args.out / "config.yaml"
-    if args.resume and saved.is_file():
-        # the run's own resolved config; --set may only change the volatile run.* keys
-        cfg = apply_overrides(load_yaml(saved), args.overrides)
-    else:
-        cfg = load_config(args.config, "pretrain", args.overrides)
+    cfg = resolve_run_config(args.config, "pretrain", args.overrides, args.out, args.resume)
     metrics = run_pretraining(cfg, args.data, args.out, resume=args.resume)
     if metrics:
         keys = [k for k in metrics if k.startswith("mean_") and "chance" not in k]

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from medmap.errors import StudyListError
+from medmap.utils import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("study_id", "patient_id", "organ", "modalities")
@@ -188,30 +188,17 @@ def read_study_list(path: str | Path, organ: str | None = None, split: str | Non
             repeats a study id. The message names the file and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise StudyListError(f"study list not found: {path}")
-    base = path.resolve().parent
     studies: list[Study] = []
     seen: dict[str, int] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise StudyListError(f"{path}: not a UTF-8 text file ({e})") from e
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StudyListError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-        study = _parse_line(obj, where, base)
-        if study.study_id in seen:
+    for lineno, item in iter_study_lines(path):
+        if isinstance(item, StudyListError):
+            raise item
+        if item.study_id in seen:
             raise StudyListError(
-                f"{where}: duplicate study_id '{study.study_id}' (first on line {seen[study.study_id]})"
+                f"{path}:{lineno}: duplicate study_id '{item.study_id}' (first on line {seen[item.study_id]})"
             )
-        seen[study.study_id] = lineno
-        studies.append(study)
+        seen[item.study_id] = lineno
+        studies.append(item)
     if not studies:
         raise StudyListError(f"study list {path} contains no studies")
     if organ is not None:
@@ -226,15 +213,5 @@ def write_study_list(studies: Iterable[Study], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.resolve().parent
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in studies:
-                f.write(json.dumps(s.to_json(relative_to=base), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    lines = [json.dumps(s.to_json(relative_to=base), ensure_ascii=False) + "\n" for s in studies]
+    return atomic_write_text(path, "".join(lines))

@@ -9,54 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from medmap.config import load_config
-from medmap.data.studylist import Study, write_study_list
 from medmap.engines.pretrain import OrganBatchSampler, retrieval_metrics, run_pretraining
 from medmap.text.encoder import FrozenTextEncoder
-
-MODS = ["t1", "t1ce", "t2", "flair"]
-SIDES = ["left frontal", "right frontal", "left occipital", "right occipital"]
-
-
-def _make_data(root: Path, n: int = 10) -> Path:
-    """Tiny 'brain' studies: a bright sphere with a blob whose place the findings describe."""
-    rng = np.random.default_rng(0)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    zz = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
-    head = (((zz - 9.5) ** 2).sum(0) < 81).astype(np.float32)
-    studies = []
-    for i in range(n):
-        where = i % 4
-        centre = np.array([6 if where % 2 == 0 else 13, 12 if where < 2 else 7, 10])
-        blob = (((zz - centre[:, None, None, None]) ** 2).sum(0) < 6).astype(np.float32)
-        paths, findings = {}, {}
-        mods = MODS if i % 3 else MODS[:3]  # some studies miss FLAIR
-        for j, m in enumerate(mods):
-            vol = head * (100 + 10 * j) + blob * (80 + 40 * (i % 2)) + rng.normal(0, 3, head.shape) * head
-            p = root / f"s{i}" / f"{m}.nii.gz"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(vol.astype(np.float32), affine), p)
-            paths[m] = p
-            findings[m] = f"{m} signal abnormality in the {SIDES[where]} lobe" if i % 5 else "no abnormality seen"
-        split = "val" if i >= n - 3 else "train"
-        studies.append(Study(f"s{i}", f"p{i}", "brain", paths, findings, "imp", "tumour" if i % 2 else "normal", split))
-    organ = yaml.safe_load(Path(__file__).parents[2].joinpath("medmap/configs/organs/brain.yaml").read_text())
-    organ["roi_size"] = [16, 16, 16]
-    organ["spacing"] = [2.5, 2.5, 2.5]
-    (root / "brain_tiny.yaml").write_text(yaml.safe_dump(organ))
-    return write_study_list(studies, root / "studies.jsonl")
-
+from tiny_studies import MODS, make_tiny_brain_data
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_data(tmp_path_factory.mktemp("tiny"))
+    return make_tiny_brain_data(tmp_path_factory.mktemp("tiny"), n=10, n_val=3)
 
 
 def _overrides(data: Path, steps: int, every: int) -> list[str]:
