@@ -1,0 +1,66 @@
+"""``medmap bench`` / ``benchmarks/perf.py``: the pieces its figures rest on (the full run is a
+multi-minute measurement, not a test)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmap.cli import bench
+from medmap.cli.main import build_parser
+from medmap.models.encoders import PatchEmbed3d, build_encoder
+
+perf = bench._load_perf_script()
+TINY_VIT = {"type": "vit", "dim": 16, "depth": 1, "heads": 2, "patch_size": 4, "stem_channels": 0}
+TINY_CNN = {"type": "cnn", "channels": [4], "subunits": 1, "dim": 8, "stem_patch": 2, "stem_channels": 4}
+
+
+@pytest.mark.parametrize("arch", [TINY_VIT, TINY_CNN])
+def test_naive_conv_patch_embedding_computes_the_same_encoder(arch: dict) -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(arch, (8, 12, 8))
+    x = torch.randn(2, 1, 8, 12, 8)
+    ref = enc(x).tokens.detach()
+    swapped, diff = perf.swap_to_conv_patch_embedding(enc)
+    assert swapped == 1 and diff < 1e-5
+    assert not any(isinstance(m, PatchEmbed3d) for m in enc.modules())
+    assert any(isinstance(m, torch.nn.Conv3d) and m.stride == m.kernel_size != (1, 1, 1) for m in enc.modules())
+    torch.testing.assert_close(enc(x).tokens, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_flop_count_and_timing_helpers() -> None:
+    lin = torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(8, 32)
+    assert perf.count_flops(lambda: lin(x)) == 2 * 8 * 32 * 16
+    # backward: the weight gradient, plus the input gradient once the input needs one
+    assert perf.count_flops(lambda: lin(x).sum().backward()) == 2 * 2 * 8 * 32 * 16
+    assert perf.count_flops(lambda: lin(x.requires_grad_(True)).sum().backward()) == 3 * 2 * 8 * 32 * 16
+    t = perf.time_calls(lambda: lin(x), iters=3, warmup=1)
+    assert t["n"] == 3 and 0 < t["min_s"] <= t["median_s"]
+    with perf.peak_rss() as mem:
+        torch.ones(1 << 20)
+    assert mem["peak_rss_mb"] > 0
+
+
+def test_synthetic_study_and_run_folder_are_readable(tmp_path: Path) -> None:
+    # a tiny stage-2 set-up stands in for the default config (whose model is minutes of CPU here)
+    setup = perf.FinetuneSetup("brain", ["encoder.arch=cnn_small"])
+    setup.organ = dataclasses.replace(setup.organ, roi_size=(32, 32, 32))
+    setup.model = perf.build_medmap_classifier(setup.organ, setup.cfg, perf.TEXT_DIM)
+    study = perf.write_brain_study(tmp_path / "study", quick=True)
+    pred = perf.load_run(perf.make_run_folder(tmp_path / "run", setup), device="cpu").predict(study)
+    assert pred.modalities_used == ["t1", "t1ce", "t2", "flair"]
+    assert pred.preprocess_seconds > 0 and pred.model_seconds > 0
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
+
+
+def test_bench_is_a_medmap_command() -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--sections", "peak", "naive", "--json", "x.json"])
+    assert args.func is bench.run and args.quick and args.sections == ["peak", "naive"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--sections", "everything"])
+    assert isinstance(args, argparse.Namespace)
