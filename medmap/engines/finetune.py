@@ -40,6 +40,7 @@ from medmap.engines.common import (
     autocast_context,
     barrier,
     cleanup_distributed,
+    configure_threads,
     clip_gradients,
     find_checkpoint,
     load_checkpoint,
@@ -119,6 +120,7 @@ def run_finetuning(
     run_dir = Path(run_dir)
     tcfg = dict(cfg.get("training") or {})
     rcfg = dict(cfg.get("run") or {})
+    configure_threads(rcfg.get("threads"))
     info = setup_distributed(str(rcfg.get("device", "auto")))
     try:
         return _finetune(cfg, tcfg, rcfg, Path(study_list), run_dir, resume, init, info)

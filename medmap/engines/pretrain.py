@@ -40,6 +40,7 @@ from medmap.engines.common import (
     autocast_context,
     barrier,
     cleanup_distributed,
+    configure_threads,
     clip_gradients,
     find_checkpoint,
     load_checkpoint,
@@ -451,6 +452,7 @@ def run_pretraining(
     run_dir = Path(run_dir)
     tcfg = cfg["training"]
     rcfg = cfg.get("run") or {}
+    configure_threads(rcfg.get("threads"))
     info = setup_distributed(str(rcfg.get("device", "auto")))
     try:
         seed = int(tcfg["seed"])

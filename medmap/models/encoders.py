@@ -55,9 +55,11 @@ def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 class PatchEmbed3d(nn.Module):
     """Non-overlapping 3D patch embedding as a reshape plus ``nn.Linear``.
 
-    Mathematically a ``Conv3d`` with ``kernel_size == stride == patch``, but on CPU the
-    convolution's weight gradient over a full-resolution single-channel volume is several
-    times slower than one matrix multiplication (measured in ``benchmarks/perf.py``).
+    Mathematically a ``Conv3d`` with ``kernel_size == stride == patch`` (tested), written as
+    one matrix multiplication: in isolation its forward+backward on a full-resolution
+    single-channel volume is several times faster on CPU than oneDNN's convolution; inside
+    a whole encoder step ``benchmarks/perf.py`` measured 1.6x for ``cnn_small`` and no
+    difference for ``vit_tiny`` (docs/performance.md).
     Input sizes that are not multiples of ``patch`` are cropped at the far end, like the
     convolution would.
 
