@@ -56,9 +56,13 @@ if TYPE_CHECKING:
     from medmap.data.cache import PreprocessCache
 
 #: Bump whenever the output of preprocessing changes for the same input; invalidates caches.
-PREPROCESSING_VERSION = "1"
-#: Percentiles (of foreground voxels) at which intensities are clipped before the z-score.
+PREPROCESSING_VERSION = "2"
+#: Percentiles of the foreground voxels between which the z-score statistics are computed.
 CLIP_PERCENTILES = (0.5, 99.5)
+#: z-scores are clipped to +-Z_CLIP: far enough out that a small lesion keeps its contrast
+#: (clipping raw intensities at the 99.5th percentile flattened any lesion smaller than 0.5%
+#: of the foreground to the brightest normal tissue), close enough to tame spikes.
+Z_CLIP = 8.0
 #: A voxel is foreground in a modality when above this fraction of its robust range.
 FOREGROUND_FRACTION = 0.05
 #: Voxels kept around the foreground bounding box (at the organ's spacing).
@@ -117,17 +121,22 @@ class JointForegroundMaskd(MapTransform):
 
 
 class RobustZScoreNormalized(MapTransform):
-    """MRI intensity normalisation: percentile clipping then z-score over the foreground.
+    """MRI intensity normalisation: robust z-score over the foreground, outliers clipped.
 
-    For each modality: clip to the ``percentiles`` of its foreground voxels, subtract the
-    mean and divide by the standard deviation of the clipped foreground, and set voxels
-    outside the foreground to 0.
+    For each modality: the mean and standard deviation are computed over the foreground
+    voxels between the ``percentiles`` (robust to spikes and to the lesion itself); the
+    volume is z-scored with them, clipped to ``[-z_clip, z_clip]``, and voxels outside the
+    foreground are set to 0. Intensities are never clipped at a percentile: a lesion
+    covering less than 0.5% of the foreground must stay brighter (or darker) than normal
+    tissue.
     """
 
-    def __init__(self, keys: list[str], mask_key: str = FOREGROUND_KEY, percentiles: tuple[float, float] = CLIP_PERCENTILES) -> None:
+    def __init__(self, keys: list[str], mask_key: str = FOREGROUND_KEY,
+                 percentiles: tuple[float, float] = CLIP_PERCENTILES, z_clip: float = Z_CLIP) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.mask_key = mask_key
         self.percentiles = percentiles
+        self.z_clip = z_clip
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -137,10 +146,9 @@ class RobustZScoreNormalized(MapTransform):
             x = img.as_tensor()[0].to(torch.float32)
             fg = x[mask].numpy()
             lo, hi = (float(v) for v in np.percentile(fg, self.percentiles))
-            x = x.clamp(lo, hi)
-            vals = x[mask].to(torch.float64)
-            mean, std = float(vals.mean()), float(vals.std())
-            x = (x - mean) / (std if std > 1e-8 else 1.0)
+            core = fg[(fg >= lo) & (fg <= hi)].astype(np.float64)
+            mean, std = float(core.mean()), float(core.std())
+            x = ((x - mean) / (std if std > 1e-8 else 1.0)).clamp(-self.z_clip, self.z_clip)
             x = torch.where(mask, x, torch.zeros_like(x))
             out = img.clone()
             out[0] = x
