@@ -5,12 +5,16 @@ Example::
     medmap experiment paper_grid --out runs/paper_grid            # run or continue the whole grid
     medmap experiment paper_grid --out runs/paper_grid --dry-run  # the plan, with done / todo
     medmap experiment paper_grid --out runs/paper_grid --only full no_csa --seeds 0
+    medmap experiment paper_grid --out runs/paper_grid --workers 2   # two processes, one core each
     medmap experiment my_grid.yaml --out runs/mine
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -28,13 +32,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the config's seeds")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and whether each is done; run nothing")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing job")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run jobs in this many processes at once (they share --out through claim files; "
+                   "worker i > 0 logs to OUT/worker<i>.log)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per worker (default: the CPU count divided by --workers)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmap.experiments.grid import load_experiment_config, run_grid
+    from medmap.errors import ConfigError
+    from medmap.experiments.grid import load_experiment_config, run_grid, write_grid_tables
 
     cfg = load_experiment_config(args.config)
     out = args.out or Path("runs") / "experiments" / str(cfg["name"])
-    report = run_grid(cfg, out, only=args.only, seeds=args.seeds, dry_run=args.dry_run, fail_fast=args.fail_fast)
-    return 1 if report.failed else 0
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    workers = 1 if args.dry_run else args.workers
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+    if threads:
+        cfg.setdefault("run", {})["threads"] = threads
+    helpers = _start_helper_workers(args, Path(out), workers - 1, threads) if workers > 1 else []
+    try:
+        report = run_grid(cfg, out, only=args.only, seeds=args.seeds, dry_run=args.dry_run, fail_fast=args.fail_fast)
+    finally:
+        codes = [h.wait() for h in helpers]
+    if helpers:  # the helpers may have finished runs after this process wrote the tables
+        tables = write_grid_tables(cfg, out, args.seeds)
+        print(f"tables: {tables['markdown']} and {tables['csv']}")
+    return 1 if report.failed or any(codes) else 0
+
+
+def _start_helper_workers(args: argparse.Namespace, out: Path, n: int, threads: int | None) -> list[subprocess.Popen]:
+    """Start ``n`` more ``medmap experiment`` processes on the same folder (one worker each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "medmap.cli.main", "experiment", str(args.config), "--out", str(out)]
+    if args.only:
+        cmd += ["--only", *args.only]
+    if args.seeds:
+        cmd += ["--seeds", *map(str, args.seeds)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}
+    helpers = []
+    for i in range(1, n + 1):
+        log = (out / f"worker{i}.log").open("a")
+        helpers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        print(f"worker {i}: pid {helpers[-1].pid}, log {out / f'worker{i}.log'}")
+    return helpers

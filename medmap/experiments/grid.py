@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -166,6 +168,8 @@ class ExperimentGrid:
         self.n_bootstrap = int((self.cfg.get("evaluate") or {}).get("n_bootstrap", 1000))
         self.device = str((self.cfg.get("run") or {}).get("device", "auto"))
         self.progress = bool((self.cfg.get("run") or {}).get("progress", False))
+        threads = (self.cfg.get("run") or {}).get("threads")
+        self.threads = int(threads) if threads else None
 
     # ---------------------------------------------------------------- paths
     @property
@@ -205,7 +209,7 @@ class ExperimentGrid:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
         cfg["encoder"]["modality_aware"] = setting == "aware"
         cfg["training"]["seed"] = int(seed)
-        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress, threads=self.threads)
         return cfg
 
     def finetune_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
@@ -222,7 +226,7 @@ class ExperimentGrid:
             cfg.setdefault("encoder", {})["arch"] = copy.deepcopy(self._arch())
         cfg["ablation"] = {**(cfg.get("ablation") or {}), **row.ablation}
         cfg.setdefault("training", {})["seed"] = int(seed)
-        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress, threads=self.threads)
         return cfg
 
     def cnn_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
@@ -429,6 +433,73 @@ def _result(path: Path, task: str, row: str, seed: int, label: str) -> RunResult
 
 
 # --------------------------------------------------------------------------- driver
+class JobClaims:
+    """Claim files that let several processes share one grid folder without running a job twice.
+
+    ``acquire(key)`` creates ``<folder>/<key>.claim`` atomically (``O_EXCL``) with this host and
+    process id; it fails while another live process holds the claim. A claim left by a process
+    that died on this host (a killed worker) is taken over. ``release(key)`` removes it.
+
+    Example::
+
+        claims = JobClaims(Path("runs/grid/claims"))
+        if claims.acquire("run:brain:full:0"):
+            try:
+                ...  # run the job
+            finally:
+                claims.release("run:brain:full:0")
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def path(self, key: str) -> Path:
+        return self.folder / (key.replace(":", "_").replace("/", "_") + ".claim")
+
+    def acquire(self, key: str) -> bool:
+        """Claim ``key``; ``False`` if another live process holds it."""
+        path = self.path(key)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                path.unlink(missing_ok=True)  # its owner died on this host: take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            return True
+        return False
+
+    def release(self, key: str) -> None:
+        path = self.path(key)
+        try:
+            if path.read_text() == self.owner:
+                path.unlink()
+        except OSError:
+            pass
+
+    @staticmethod
+    def _stale(path: Path) -> bool:
+        """True when the claim's owner is a process of this host that no longer runs."""
+        try:
+            host, pid = path.read_text().rsplit(" ", 1)
+        except (OSError, ValueError):
+            return False  # being written right now, or unreadable: leave it alone
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+
 @dataclass
 class GridReport:
     """What :func:`run_grid` did."""
@@ -442,7 +513,7 @@ class GridReport:
 
 def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequence[str] | None = None,
              seeds: Sequence[int] | None = None, dry_run: bool = False, fail_fast: bool = False,
-             log: Callable[[str], None] = print) -> GridReport:
+             log: Callable[[str], None] = print, poll_s: float = 10.0) -> GridReport:
     """Run (or continue) every unfinished job of the grid, then write the results tables.
 
     Args:
@@ -454,6 +525,12 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
         fail_fast: stop at the first failing job (default: record it, skip what depends on
             it, continue, and report it; its traceback goes to ``DIR/failures/``).
         log: where progress lines go.
+        poll_s: seconds between looks at jobs held by other workers.
+
+    Several processes may run the same grid on the same ``out`` folder at once (``medmap
+    experiment --workers N`` starts them): each job is claimed first (:class:`JobClaims`), a
+    job waits until the jobs it needs are finished, and the results tables are rewritten by
+    whichever process ends.
 
     Returns:
         A :class:`GridReport`; the tables are ``DIR/results.md``, ``results.csv``, ``runs.csv``.
@@ -467,40 +544,70 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
         for j in jobs:
             log(f"[{'done' if j.done() else 'todo'}] {j.describe}")
         return report
+    if grid.threads:
+        from medmap.engines.common import configure_threads
+
+        configure_threads(grid.threads)  # also for the baselines, which have no run.threads
     grid.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(grid.out / "experiment.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
     grid.write_organs()
-    for i, j in enumerate(jobs, 1):
-        if j.done():
-            report.skipped.append(j.key)
+    claims = JobClaims(grid.out / "claims")
+    by_key = {j.key: j for j in jobs}
+    pending = list(jobs)
+    while pending:
+        waiting: list[Job] = []
+        progressed = False
+        for j in pending:
+            i = jobs.index(j) + 1
+            if j.done():
+                if j.key not in report.ran:
+                    report.skipped.append(j.key)
+                continue
+            blocked = [n for n in j.needs if n in report.failed]
+            if blocked:
+                report.failed[j.key] = f"skipped: {', '.join(blocked)} failed"
+                log(f"[{i}/{len(jobs)}] skip {j.describe} ({report.failed[j.key]})")
+                continue
+            if any(n in by_key and not by_key[n].done() for n in j.needs) or not claims.acquire(j.key):
+                waiting.append(j)  # another worker runs it, or something it needs
+                continue
+            progressed = True
+            log(f"[{i}/{len(jobs)}] {j.describe}")
+            t0 = time.time()
+            try:
+                j.run()
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the rest of a long grid
+                if fail_fast:
+                    raise
+                report.failed[j.key] = f"{type(e).__name__}: {e}"
+                (grid.out / "failures").mkdir(exist_ok=True)
+                atomic_write_text(grid.out / "failures" / f"{j.key.replace(':', '_')}.txt", traceback.format_exc())
+                log(f"    FAILED: {report.failed[j.key]}")
+                if not isinstance(e, MedMAPError) and j.key == "data":
+                    break
+                continue
+            finally:
+                claims.release(j.key)
+            _append_timing(grid.out / "timings.csv", j.key, time.time() - t0)
+            report.ran.append(j.key)
+        else:
+            pending = waiting
+            if pending and not progressed:
+                time.sleep(poll_s)  # every runnable job is held by another worker
             continue
-        blocked = [n for n in j.needs if n in report.failed]
-        if blocked:
-            report.failed[j.key] = f"skipped: {', '.join(blocked)} failed"
-            log(f"[{i}/{len(jobs)}] skip {j.describe} ({report.failed[j.key]})")
-            continue
-        log(f"[{i}/{len(jobs)}] {j.describe}")
-        t0 = time.time()
-        try:
-            j.run()
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the rest of a long grid
-            if fail_fast:
-                raise
-            report.failed[j.key] = f"{type(e).__name__}: {e}"
-            (grid.out / "failures").mkdir(exist_ok=True)
-            atomic_write_text(grid.out / "failures" / f"{j.key.replace(':', '_')}.txt", traceback.format_exc())
-            log(f"    FAILED: {report.failed[j.key]}")
-            if not isinstance(e, MedMAPError) and j.key == "data":
-                break
-            continue
-        _append_timing(grid.out / "timings.csv", j.key, time.time() - t0)
-        report.ran.append(j.key)
-    notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
-    report.tables = write_tables(grid.results(), grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
+        break  # the data job failed: nothing else can run
+    report.tables = write_grid_tables(cfg, grid.out, seeds)
     log(f"tables: {report.tables['markdown']} and {report.tables['csv']}")
     if report.failed:
         log(f"{len(report.failed)} job(s) failed or were skipped: {', '.join(report.failed)}")
     return report
+
+
+def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None) -> dict[str, Path]:
+    """(Re)write ``results.md``, ``results.csv`` and ``runs.csv`` from every finished run in ``out``."""
+    grid = ExperimentGrid(cfg, out, seeds)
+    notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
+    return write_tables(grid.results(), grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
 
 
 def _append_timing(path: Path, key: str, seconds: float) -> None:

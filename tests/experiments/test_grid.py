@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +17,7 @@ import yaml
 
 from medmap.cli.main import main
 from medmap.errors import ConfigError
-from medmap.experiments.grid import ExperimentGrid, load_experiment_config, run_grid
+from medmap.experiments.grid import ExperimentGrid, JobClaims, load_experiment_config, run_grid
 from medmap.experiments.table import (MetricSummary, RunResult, aggregate, format_cell, render_csv, render_markdown,
                                       summarise_metric)
 
@@ -79,6 +85,60 @@ def test_rerun_skips_finished_runs_and_redoes_a_missing_one(grid: tuple[Path, ob
     third = run_grid("tiny", out, fail_fast=True, log=lambda _: None)
     assert third.ran == ["run:liver:intensity:0"]
     assert (out / "results.csv").read_text() == before  # deterministic baseline, same numbers
+
+
+def test_two_workers_run_every_job_exactly_once(tmp_path: Path) -> None:
+    out = tmp_path / "tiny2"
+    assert main(["experiment", "tiny", "--out", str(out), "--workers", "2", "--threads", "1"]) == 0
+    with (out / "timings.csv").open() as f:
+        ran = [r["job"] for r in csv.DictReader(f)]
+    keys = [j.key for j in ExperimentGrid(load_experiment_config("tiny"), out).jobs()]
+    assert sorted(ran) == sorted(keys)  # each job once, none lost, none twice
+    assert (out / "worker1.log").is_file()
+    with (out / "results.csv").open() as f:
+        assert [r["row"] for r in csv.DictReader(f)] == EXPECTED_ROWS
+    assert not list((out / "claims").iterdir())  # every claim released
+
+
+def test_job_claims_exclude_live_owners_and_take_over_dead_ones(tmp_path: Path) -> None:
+    mine, other = JobClaims(tmp_path), JobClaims(tmp_path)
+    other.owner = f"{socket.gethostname()} {os.getppid()}"  # stands for a second worker process
+    assert mine.acquire("run:brain:full:0")
+    assert not other.acquire("run:brain:full:0")  # held by a live process (this one)
+    mine.release("run:brain:full:0")
+    assert other.acquire("run:brain:full:0")
+    # a claim left by a process of this host that has ended is taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine.path("pretrain:aware:0").write_text(f"{socket.gethostname()} {dead.pid}")
+    assert mine.acquire("pretrain:aware:0")
+    # a claim from another host is never taken over (its owner cannot be checked)
+    mine.path("data").write_text("some-other-host 1")
+    assert not mine.acquire("data")
+    # release only removes one's own claim
+    other.release("pretrain:aware:0")
+    assert mine.path("pretrain:aware:0").is_file()
+
+
+def test_a_job_held_by_another_worker_is_waited_for_not_rerun(grid: tuple[Path, object], tmp_path: Path) -> None:
+    out, _ = grid
+    marker = out / "runs" / "liver" / "cnn" / "seed0" / "metrics" / "test" / "metrics.json"
+    saved = marker.read_bytes()
+    marker.unlink()
+    holder = JobClaims(out / "claims")
+    holder.owner = f"{socket.gethostname()} {os.getppid()}"  # a live process that is not this one
+    assert holder.acquire("run:liver:cnn:0")
+
+    def other_worker_finishes() -> None:
+        time.sleep(0.5)
+        marker.write_bytes(saved)
+        holder.release("run:liver:cnn:0")
+
+    t = threading.Thread(target=other_worker_finishes)
+    t.start()
+    report = run_grid("tiny", out, log=lambda _: None, poll_s=0.1)
+    t.join()
+    assert report.ran == [] and "run:liver:cnn:0" in report.skipped and not report.failed
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(grid: tuple[Path, object], tmp_path: Path,
