@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from medmap.models.csa import FeedForward
 
+POOLINGS = ("mean", "attention", "max")
+
 
 @dataclass
 class CCTOutput:
@@ -83,8 +85,9 @@ class CrossCognitionTransformer(nn.Module):
         num_layers: ``L`` (>= 1).
         mlp_ratio: feed-forward hidden width as a multiple of ``dim``.
         dropout: dropout in attention and feed-forward blocks.
-        pooling: ``"mean"`` (masked mean over present tokens) or ``"attention"`` (masked
-            softmax pooling with a learned query).
+        pooling: ``"mean"`` (masked mean over present tokens), ``"attention"`` (masked
+            softmax pooling with a learned query) or ``"max"`` (masked channel-wise max: one
+            token can carry a small lesion into ``v*`` without being averaged away).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, num_layers: int = 2, mlp_ratio: float = 4.0,
@@ -94,8 +97,8 @@ class CrossCognitionTransformer(nn.Module):
             raise ValueError(f"CCT: dim ({dim}) must be divisible by num_heads ({num_heads})")
         if num_layers < 1:
             raise ValueError("CCT: num_layers must be >= 1")
-        if pooling not in ("mean", "attention"):
-            raise ValueError(f"CCT: pooling must be 'mean' or 'attention', got '{pooling}'")
+        if pooling not in POOLINGS:
+            raise ValueError(f"CCT: pooling must be one of {POOLINGS}, got '{pooling}'")
         self.pooling = pooling
         self.layers = nn.ModuleList(CrossCognitionLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
         self.v_norm = nn.LayerNorm(dim)
@@ -120,11 +123,16 @@ class CrossCognitionTransformer(nn.Module):
         v = self.v_norm(v)
         q = self.q_norm(q)
         keep = (~visual_padding).to(v.dtype)
-        if self.pooling == "mean":
-            weights = keep / keep.sum(dim=1, keepdim=True)
+        if self.pooling == "max":
+            masked = v.masked_fill(visual_padding.unsqueeze(-1), float("-inf"))
+            pooled, argmax = masked.max(dim=1)
+            # saliency: the share of the d channels whose maximum each token holds
+            weights = torch.zeros_like(keep).scatter_add_(1, argmax, torch.ones_like(pooled)) / v.shape[-1]
         else:
-            scores = self.pool_query(v).squeeze(-1).masked_fill(visual_padding, float("-inf"))
-            weights = torch.softmax(scores, dim=1)
-        # masked_fill keeps NaN/Inf in padded positions from leaking through 0 * x.
-        pooled = torch.einsum("bn,bnd->bd", weights, v.masked_fill(visual_padding.unsqueeze(-1), 0.0))
+            if self.pooling == "mean":
+                weights = keep / keep.sum(dim=1, keepdim=True)
+            else:
+                scores = self.pool_query(v).squeeze(-1).masked_fill(visual_padding, float("-inf"))
+                weights = torch.softmax(scores, dim=1)
+            pooled = torch.einsum("bn,bnd->bd", weights, v.masked_fill(visual_padding.unsqueeze(-1), 0.0))
         return CCTOutput(pooled=pooled, class_tokens=q[:, :num_class_tokens], visual_tokens=v, pool_weights=weights)

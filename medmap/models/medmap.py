@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from medmap.config import OrganConfig
 from medmap.errors import CheckpointError, ConfigError, MedMAPError
-from medmap.models.cct import CrossCognitionTransformer
+from medmap.models.cct import POOLINGS, CrossCognitionTransformer
 from medmap.models.csa import CrossModalSemanticAggregation
 
 PREDICTION_MODES = ("avg", "cls", "sim")
@@ -59,7 +59,7 @@ class MedMAPModelConfig:
         csa_transformer_blocks: transformer blocks in the CSA global stream.
         use_cct: ``False`` = ablation "no CCT": masked mean per modality, concatenate, MLP.
         cct_layers: number of two-way CCT layers ``L``.
-        pooling: ``mean`` or ``attention`` pooling of the CCT visual tokens into ``v*``.
+        pooling: ``mean``, ``attention`` or ``max`` pooling of the CCT visual tokens into ``v*``.
         use_text: ``False`` = ablation "no text": no text bank, no similarity head; CSA runs
             without FiLM / cross-attention and CCT attends to learned query tokens.
         prediction: ``avg`` (mean of the two heads' probabilities), ``cls`` or ``sim``.
@@ -87,8 +87,8 @@ class MedMAPModelConfig:
         if not self.use_text and self.prediction != "cls":
             # Without text there is no similarity head; only the classifier can predict.
             self.prediction = "cls"
-        if self.pooling not in ("mean", "attention"):
-            raise ConfigError(f"model.pooling must be 'mean' or 'attention', got '{self.pooling}'")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
         if not 1.0 <= self.tau_init <= self.tau_max:
             raise ConfigError(f"model.tau_init must lie in [1, tau_max={self.tau_max}], got {self.tau_init}")
 

@@ -4,7 +4,7 @@ import torch
 from medmap.models.cct import CrossCognitionTransformer
 
 
-@pytest.mark.parametrize("pooling", ["mean", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "attention", "max"])
 def test_cct_shapes_and_masked_tokens_have_no_influence(pooling):
     torch.manual_seed(0)
     cct = CrossCognitionTransformer(16, num_heads=4, num_layers=2, pooling=pooling).eval()
