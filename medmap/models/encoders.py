@@ -52,6 +52,27 @@ def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x.flatten(2).transpose(1, 2), (gx, gy, gz)
 
 
+POOLS = ("mean", "max")
+
+
+def check_pool(pool: str) -> None:
+    if pool not in POOLS:
+        raise ConfigError(f"encoder 'pool' must be one of {', '.join(POOLS)}, got {pool!r}")
+
+
+def pool_tokens(tokens: Tensor, pool: str = "mean") -> Tensor:
+    """The pooled volume vector ``z_m`` from tokens ``[B, N, d]``.
+
+    ``mean`` averages the tokens. ``max`` takes each channel's maximum over the tokens, so a
+    finding that fills a few of the N tokens is not averaged away (the tokens are
+    layer-normalised, so no token can outweigh the others in a mean).
+
+    >>> pool_tokens(torch.tensor([[[0.0, 1.0], [2.0, -1.0]]]), "max")
+    tensor([[2., 1.]])
+    """
+    return tokens.amax(dim=1) if pool == "max" else tokens.mean(dim=1)
+
+
 class PatchEmbed3d(nn.Module):
     """Non-overlapping 3D patch embedding as a reshape plus ``nn.Linear``.
 
@@ -105,6 +126,8 @@ class ViT3DEncoder(nn.Module):
         stem_channels: channels of the stride-2 conv stem (0 = no stem).
         patch_size: patch size of the embedding applied after the stem.
         dropout: dropout rate in the transformer blocks.
+        pool: how the tokens become the pooled vector ``z_m``: ``mean`` or ``max`` (see
+            :func:`pool_tokens`).
     """
 
     def __init__(
@@ -117,8 +140,11 @@ class ViT3DEncoder(nn.Module):
         stem_channels: int = 16,
         patch_size: int = 8,
         dropout: float = 0.0,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        check_pool(pool)
+        self.pool = pool
         if dim % heads:
             raise ConfigError(f"vit: dim ({dim}) must be divisible by heads ({heads})")
         if depth < 1 or patch_size < 1:
@@ -153,7 +179,7 @@ class ViT3DEncoder(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=tokens.mean(1))
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=pool_tokens(tokens, self.pool))
 
 
 class CNN3DEncoder(nn.Module):
@@ -168,6 +194,7 @@ class CNN3DEncoder(nn.Module):
         stem_patch: when > 1, a non-overlapping ``stem_patch``-voxel patch embedding with
             ``stem_channels`` channels runs first (overall stride ``stem_patch * 2**len(channels)``).
         stem_channels: channels of that stem.
+        pool: ``mean`` or ``max`` pooling of the tokens into ``z_m`` (:func:`pool_tokens`).
     """
 
     def __init__(
@@ -180,8 +207,11 @@ class CNN3DEncoder(nn.Module):
         dropout: float = 0.0,
         stem_patch: int = 1,
         stem_channels: int = 16,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        check_pool(pool)
+        self.pool = pool
         if not channels:
             raise ConfigError("cnn: 'channels' must list at least one stage")
         if stem_patch < 1:
@@ -208,7 +238,7 @@ class CNN3DEncoder(nn.Module):
     def forward(self, x: Tensor) -> EncoderOutput:
         tokens, grid = _grid_tokens(self.to_tokens(self.stages(x)))
         tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=tokens.mean(1))
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=pool_tokens(tokens, self.pool))
 
 
 ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder}

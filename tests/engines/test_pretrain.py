@@ -161,3 +161,20 @@ def _kill_and_resume(data: Path, text_dir: Path, tmp_path: Path, main) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     # starting again into a finished run folder without --resume is refused
     assert main(_cli(data, full, ov)) == 2
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "coarse"])
+def test_shipped_pretrain_configs_build(name: str) -> None:
+    from medmap.config import load_config, load_organ_config
+    from medmap.engines.pretrain import build_model
+
+    cfg = load_config(name, "pretrain")
+    organs = {o.name: o for o in map(load_organ_config, cfg["data"]["organs"])}
+    model = build_model(cfg, organs, text_dim=384)
+    for organ in organs.values():
+        x = torch.zeros(1, 1, *organ.roi_size)
+        out = model.encoders(x, organ.modalities[0])
+        assert out.pooled.shape == (1, model.encoders.dim)
+    if name == "coarse":  # CPU-sized organs and max pooling of the tokens into z_m
+        assert organs["brain"].roi_size == (40, 48, 40) and organs["liver"].roi_size == (48, 48, 32)
+        torch.testing.assert_close(out.pooled, out.tokens.amax(1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medmap.errors import ConfigError
-from medmap.models.encoders import EncoderOutput, build_encoders, load_arch
+from medmap.models.encoders import EncoderOutput, build_encoder, build_encoders, load_arch, pool_tokens
 
 
 @pytest.mark.parametrize("arch", ["vit_small", "cnn_small"])
@@ -75,3 +75,23 @@ def test_patch_embedding_equals_a_strided_convolution() -> None:
         conv.bias.copy_(pe.proj.bias)
     x = torch.randn(3, 2, 17, 12, 9)  # not multiples of 4: both drop the remainder
     torch.testing.assert_close(pe(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch_type", ["cnn", "vit"])
+def test_max_pooling_keeps_a_single_token_finding(arch_type: str) -> None:
+    small = {"cnn": {"type": "cnn", "channels": [8, 16], "dim": 16},
+             "vit": {"type": "vit", "dim": 16, "depth": 1, "heads": 2, "stem_channels": 0, "patch_size": 4}}[arch_type]
+    x = torch.randn(2, 1, 16, 16, 16)
+    mean_enc = build_encoder(small, (16, 16, 16)).eval()
+    max_enc = build_encoder({**small, "pool": "max"}, (16, 16, 16)).eval()
+    max_enc.load_state_dict(mean_enc.state_dict())  # same weights: only the pooling differs
+    with torch.no_grad():
+        a, b = mean_enc(x), max_enc(x)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.pooled, a.tokens.mean(1)) and torch.allclose(b.pooled, b.tokens.amax(1))
+    # one outstanding token moves the max-pooled vector by its full size, the mean by 1/N
+    tokens = torch.zeros(1, 100, 4)
+    tokens[0, 7] = torch.tensor([5.0, 0.0, 0.0, 0.0])
+    assert pool_tokens(tokens, "max")[0, 0] == 5.0 and pool_tokens(tokens, "mean")[0, 0] == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="pool"):
+        build_encoder({**small, "pool": "sum"}, (16, 16, 16))
