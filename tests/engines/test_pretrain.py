@@ -175,6 +175,5 @@ def test_shipped_pretrain_configs_build(name: str) -> None:
         x = torch.zeros(1, 1, *organ.roi_size)
         out = model.encoders(x, organ.modalities[0])
         assert out.pooled.shape == (1, model.encoders.dim)
-    if name == "coarse":  # CPU-sized organs and max pooling of the tokens into z_m
+    if name == "coarse":  # CPU-sized organs
         assert organs["brain"].roi_size == (40, 48, 40) and organs["liver"].roi_size == (48, 48, 32)
-        torch.testing.assert_close(out.pooled, out.tokens.amax(1))
