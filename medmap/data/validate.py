@@ -224,8 +224,12 @@ def validate_study_list(
     def organ_config(name: str) -> OrganConfig | None:
         if name not in configs and name not in unknown_organs:
             try:
-                configs[name] = load_organ_config(name)
+                cfg = load_organ_config(name)
             except ConfigError:
+                cfg = None
+            if cfg is not None and cfg.name == name:  # e.g. 'brain_4mm' is a variant of 'brain', not an organ
+                configs[name] = cfg
+            else:
                 unknown_organs.add(name)
         return configs.get(name)
 
@@ -250,7 +254,7 @@ def validate_study_list(
 
         organ = organ_config(study.organ)
         if organ is None:
-            known = sorted(set(configs) | {p.stem for p in _builtin_organs()})
+            known = sorted(set(configs) | _builtin_organ_names())
             report(f"unknown organ '{study.organ}' (known: {', '.join(known)}; add one with --organ-config)")
         else:
             unknown = [m for m in study.modalities if m not in organ.modalities]
@@ -295,10 +299,11 @@ def validate_study_list(
     return problems
 
 
-def _builtin_organs() -> list[Path]:
+def _builtin_organ_names() -> set[str]:
+    """Organ names of the built-in organ configs (variants such as ``brain_4mm`` share a name)."""
     from medmap.config import CONFIG_ROOT
 
-    return sorted((CONFIG_ROOT / "organs").glob("*.yaml"))
+    return {load_organ_config(p).name for p in (CONFIG_ROOT / "organs").glob("*.yaml")}
 
 
 __all__ = [

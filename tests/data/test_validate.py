@@ -137,3 +137,11 @@ def test_empty_list(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
     assert [p.message for p in validate_study_list(path)] == ["the study list contains no studies"]
+
+
+def test_a_builtin_organ_variant_name_is_not_an_organ(tmp_path):
+    # brain_4mm.yaml is a CPU-sized variant whose organ is named 'brain'
+    study = make_study(tmp_path, "s1", organ="brain_4mm")
+    path = write_list(tmp_path, [study])
+    problems = validate_study_list(path, check_files=False)
+    assert any("unknown organ 'brain_4mm' (known: brain, liver;" in p.message for p in problems)
