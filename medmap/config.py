@@ -154,10 +154,27 @@ def resolve_config_path(name_or_path: str | Path, kind: str) -> Path:
 
 
 def load_organ_config(name_or_path: str | Path | OrganConfig) -> OrganConfig:
-    """Load a built-in organ config by name (``brain``, ``liver``) or a YAML file by path."""
+    """Load a built-in organ config by name (``brain``, ``liver``) or a YAML file by path.
+
+    A config with a ``base`` key (a built-in name or a path) is that organ config with the
+    other keys replaced, e.g. ``brain_4mm.yaml``: ``{base: brain, spacing: [4, 4, 4], roi_size: [40, 48, 40]}``.
+    """
     if isinstance(name_or_path, OrganConfig):
         return name_or_path
-    return OrganConfig.from_dict(load_yaml(resolve_config_path(name_or_path, "organs")))
+    return organ_config_from(load_yaml(resolve_config_path(name_or_path, "organs")))
+
+
+def organ_config_from(spec: dict[str, Any], _depth: int = 0) -> OrganConfig:
+    """An organ config from a mapping; ``spec["base"]`` (if any) is loaded first and updated."""
+    spec = dict(spec)
+    base = spec.pop("base", None)
+    if base is None:
+        return OrganConfig.from_dict(spec)
+    if _depth > 8:
+        raise ConfigError(f"organ config: 'base' chain too long (a cycle?) at '{base}'")
+    merged = organ_config_from(load_yaml(resolve_config_path(base, "organs")), _depth + 1).to_dict()
+    merged.update(spec)
+    return OrganConfig.from_dict(merged)
 
 
 def load_config(name_or_path: str | Path, kind: str, overrides: list[str] | None = None) -> dict[str, Any]:

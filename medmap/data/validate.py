@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -299,11 +300,12 @@ def validate_study_list(
     return problems
 
 
-def _builtin_organ_names() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _builtin_organ_names() -> frozenset[str]:
     """Organ names of the built-in organ configs (variants such as ``brain_4mm`` share a name)."""
     from medmap.config import CONFIG_ROOT
 
-    return {load_organ_config(p).name for p in (CONFIG_ROOT / "organs").glob("*.yaml")}
+    return frozenset(load_organ_config(p).name for p in (CONFIG_ROOT / "organs").glob("*.yaml"))
 
 
 __all__ = [

@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from medmap.config import (OrganConfig, apply_overrides, deep_merge, load_config, load_organ_config,
-                           load_yaml, resolve_config_path)
+from medmap.config import (OrganConfig, apply_overrides, deep_merge, load_config, load_yaml, organ_config_from,
+                           resolve_config_path)
 from medmap.errors import ConfigError, MedMAPError
 from medmap.experiments.table import RunResult, write_tables
 from medmap.utils import atomic_write_json, atomic_write_text
@@ -189,13 +189,11 @@ class ExperimentGrid:
     # ---------------------------------------------------------------- organs and configs
     def organ_config(self, task: str) -> OrganConfig:
         """The task's organ config with the grid's replacements (``organs.<task>``)."""
-        spec = dict((self.cfg.get("organs") or {}).get(task) or {})
-        base = spec.pop("base", task)
-        organ = load_organ_config(base).to_dict()
-        organ.update(spec)
-        if organ["name"] != task:
-            raise ConfigError(f"organs.{task}: the organ config is named '{organ['name']}', expected '{task}'")
-        return OrganConfig.from_dict(organ)
+        spec = {"base": task, **((self.cfg.get("organs") or {}).get(task) or {})}
+        organ = organ_config_from(spec)
+        if organ.name != task:
+            raise ConfigError(f"organs.{task}: the organ config is named '{organ.name}', expected '{task}'")
+        return organ
 
     def _arch(self) -> Any:
         return (self.cfg.get("encoder") or {}).get("arch")
@@ -209,7 +207,7 @@ class ExperimentGrid:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
         cfg["encoder"]["modality_aware"] = setting == "aware"
         cfg["training"]["seed"] = int(seed)
-        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress, threads=self.threads)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
         return cfg
 
     def finetune_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
@@ -226,7 +224,7 @@ class ExperimentGrid:
             cfg.setdefault("encoder", {})["arch"] = copy.deepcopy(self._arch())
         cfg["ablation"] = {**(cfg.get("ablation") or {}), **row.ablation}
         cfg.setdefault("training", {})["seed"] = int(seed)
-        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress, threads=self.threads)
+        cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
         return cfg
 
     def cnn_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
@@ -547,18 +545,18 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
     if grid.threads:
         from medmap.engines.common import configure_threads
 
-        configure_threads(grid.threads)  # also for the baselines, which have no run.threads
+        configure_threads(grid.threads)  # for every job this process runs (stage 1, stage 2, baselines)
     grid.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(grid.out / "experiment.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
     grid.write_organs()
     claims = JobClaims(grid.out / "claims")
     by_key = {j.key: j for j in jobs}
-    pending = list(jobs)
-    while pending:
+    position = {j.key: i for i, j in enumerate(jobs, 1)}
+    pending, stop = list(jobs), False
+    while pending and not stop:
         waiting: list[Job] = []
-        progressed = False
         for j in pending:
-            i = jobs.index(j) + 1
+            i = position[j.key]
             if j.done():
                 if j.key not in report.ran:
                     report.skipped.append(j.key)
@@ -571,7 +569,6 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
             if any(n in by_key and not by_key[n].done() for n in j.needs) or not claims.acquire(j.key):
                 waiting.append(j)  # another worker runs it, or something it needs
                 continue
-            progressed = True
             log(f"[{i}/{len(jobs)}] {j.describe}")
             t0 = time.time()
             try:
@@ -584,18 +581,16 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
                 atomic_write_text(grid.out / "failures" / f"{j.key.replace(':', '_')}.txt", traceback.format_exc())
                 log(f"    FAILED: {report.failed[j.key]}")
                 if not isinstance(e, MedMAPError) and j.key == "data":
+                    stop = True  # nothing else can run
                     break
                 continue
             finally:
                 claims.release(j.key)
             _append_timing(grid.out / "timings.csv", j.key, time.time() - t0)
             report.ran.append(j.key)
-        else:
-            pending = waiting
-            if pending and not progressed:
-                time.sleep(poll_s)  # every runnable job is held by another worker
-            continue
-        break  # the data job failed: nothing else can run
+        if not stop and waiting and len(waiting) == len(pending):
+            time.sleep(poll_s)  # every job left is held by another worker
+        pending = waiting
     report.tables = write_grid_tables(cfg, grid.out, seeds)
     log(f"tables: {report.tables['markdown']} and {report.tables['csv']}")
     if report.failed:

@@ -1,0 +1,27 @@
+"""Organ configs: a ``base`` config with some keys replaced (the CPU-sized variants)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from medmap.config import load_organ_config
+from medmap.errors import ConfigError
+
+
+def test_variant_is_its_base_with_the_given_keys_replaced(tmp_path) -> None:
+    brain, small = load_organ_config("brain"), load_organ_config("brain_4mm")
+    assert small.spacing == (4.0, 4.0, 4.0) and small.roi_size == (40, 48, 40)
+    d = small.to_dict()
+    assert {**brain.to_dict(), "spacing": d["spacing"], "roi_size": d["roi_size"]} == d
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"base": "liver_8mm", "roi_size": [32, 32, 32]}))  # a base may have a base
+    mine = load_organ_config(path)
+    assert mine.name == "liver" and mine.spacing == (8.0, 8.0, 10.0) and mine.roi_size == (32, 32, 32)
+
+
+def test_base_cycle_is_a_config_error(tmp_path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump({"base": str(path)}))
+    with pytest.raises(ConfigError, match="base"):
+        load_organ_config(path)
