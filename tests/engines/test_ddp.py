@@ -79,6 +79,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         loss = _step(ddp, loss_fn, images[sl], present[sl], labels[sl], bank)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"loss": loss, "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears down its connections while a peer finishes a collective
     finally:
         dist.destroy_process_group()
 
