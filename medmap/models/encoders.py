@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,7 +53,7 @@ def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x.flatten(2).transpose(1, 2), (gx, gy, gz)
 
 
-POOLS = ("mean", "max")
+POOLS = ("mean", "max", "grid")
 
 
 def check_pool(pool: str) -> None:
@@ -61,7 +62,7 @@ def check_pool(pool: str) -> None:
 
 
 def pool_tokens(tokens: Tensor, pool: str = "mean") -> Tensor:
-    """The pooled volume vector ``z_m`` from tokens ``[B, N, d]``.
+    """The pooled volume vector ``z_m`` from tokens ``[B, N, d]`` (``mean`` or ``max``).
 
     ``mean`` averages the tokens. ``max`` takes each channel's maximum over the tokens, so a
     finding that fills a few of the N tokens is not averaged away (the tokens are
@@ -71,6 +72,39 @@ def pool_tokens(tokens: Tensor, pool: str = "mean") -> Tensor:
     tensor([[2., 1.]])
     """
     return tokens.amax(dim=1) if pool == "max" else tokens.mean(dim=1)
+
+
+class TokenPool(nn.Module):
+    """How an encoder's tokens become ``z_m``: ``mean``, ``max`` or ``grid``.
+
+    ``mean`` and ``max`` (:func:`pool_tokens`) pool over the whole volume, so they keep *what*
+    the volume shows but not *where*. ``grid`` max-pools the token grid into ``pool_grid``
+    cells (an adaptive pool, so any input size works), concatenates the cells in a fixed order
+    and maps them linearly to ``d``. With the default 2 x 2 x 2 cells ``z_m`` can tell left
+    from right, front from back and top from bottom, which findings texts name ("left frontal
+    lobe", "segment VII") and retrieval has to match.
+
+    >>> pool = TokenPool("grid", dim=4, pool_grid=(2, 1, 1))
+    >>> pool(torch.randn(3, 6, 4), (2, 3, 1)).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, pool: str = "mean", dim: int = 128, pool_grid: Sequence[int] = (2, 2, 2)) -> None:
+        super().__init__()
+        check_pool(pool)
+        self.pool = pool
+        self.pool_grid = tuple(int(g) for g in pool_grid)
+        if len(self.pool_grid) != 3 or min(self.pool_grid) < 1:
+            raise ConfigError(f"encoder 'pool_grid' must be three positive cell counts, got {list(pool_grid)}")
+        if pool == "grid":
+            self.proj = nn.Linear(dim * math.prod(self.pool_grid), dim)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        if self.pool != "grid":
+            return pool_tokens(tokens, self.pool)
+        b, _, d = tokens.shape
+        cells = F.adaptive_max_pool3d(tokens.transpose(1, 2).reshape(b, d, *grid), self.pool_grid)
+        return self.proj(cells.flatten(1))
 
 
 class PatchEmbed3d(nn.Module):
@@ -126,8 +160,9 @@ class ViT3DEncoder(nn.Module):
         stem_channels: channels of the stride-2 conv stem (0 = no stem).
         patch_size: patch size of the embedding applied after the stem.
         dropout: dropout rate in the transformer blocks.
-        pool: how the tokens become the pooled vector ``z_m``: ``mean`` or ``max`` (see
-            :func:`pool_tokens`).
+        pool: how the tokens become the pooled vector ``z_m``: ``mean``, ``max`` or ``grid``
+            (see :class:`TokenPool`).
+        pool_grid: cells of the ``grid`` pool.
     """
 
     def __init__(
@@ -141,10 +176,10 @@ class ViT3DEncoder(nn.Module):
         patch_size: int = 8,
         dropout: float = 0.0,
         pool: str = "mean",
+        pool_grid: Sequence[int] = (2, 2, 2),
     ) -> None:
         super().__init__()
-        check_pool(pool)
-        self.pool = pool
+        self.pooling = TokenPool(pool, dim, pool_grid)
         if dim % heads:
             raise ConfigError(f"vit: dim ({dim}) must be divisible by heads ({heads})")
         if depth < 1 or patch_size < 1:
@@ -179,7 +214,7 @@ class ViT3DEncoder(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=pool_tokens(tokens, self.pool))
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
 
 
 class CNN3DEncoder(nn.Module):
@@ -194,7 +229,8 @@ class CNN3DEncoder(nn.Module):
         stem_patch: when > 1, a non-overlapping ``stem_patch``-voxel patch embedding with
             ``stem_channels`` channels runs first (overall stride ``stem_patch * 2**len(channels)``).
         stem_channels: channels of that stem.
-        pool: ``mean`` or ``max`` pooling of the tokens into ``z_m`` (:func:`pool_tokens`).
+        pool: ``mean``, ``max`` or ``grid`` pooling of the tokens into ``z_m`` (:class:`TokenPool`).
+        pool_grid: cells of the ``grid`` pool.
     """
 
     def __init__(
@@ -208,10 +244,10 @@ class CNN3DEncoder(nn.Module):
         stem_patch: int = 1,
         stem_channels: int = 16,
         pool: str = "mean",
+        pool_grid: Sequence[int] = (2, 2, 2),
     ) -> None:
         super().__init__()
-        check_pool(pool)
-        self.pool = pool
+        self.pooling = TokenPool(pool, dim, pool_grid)
         if not channels:
             raise ConfigError("cnn: 'channels' must list at least one stage")
         if stem_patch < 1:
@@ -238,7 +274,7 @@ class CNN3DEncoder(nn.Module):
     def forward(self, x: Tensor) -> EncoderOutput:
         tokens, grid = _grid_tokens(self.to_tokens(self.stages(x)))
         tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=pool_tokens(tokens, self.pool))
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
 
 
 ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder}

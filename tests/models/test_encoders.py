@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medmap.errors import ConfigError
-from medmap.models.encoders import EncoderOutput, build_encoder, build_encoders, load_arch, pool_tokens
+from medmap.models.encoders import EncoderOutput, TokenPool, build_encoder, build_encoders, load_arch, pool_tokens
 
 
 @pytest.mark.parametrize("arch", ["vit_small", "cnn_small"])
@@ -95,3 +95,23 @@ def test_max_pooling_keeps_a_single_token_finding(arch_type: str) -> None:
     assert pool_tokens(tokens, "max")[0, 0] == 5.0 and pool_tokens(tokens, "mean")[0, 0] == pytest.approx(0.05)
     with pytest.raises(ConfigError, match="pool"):
         build_encoder({**small, "pool": "sum"}, (16, 16, 16))
+
+
+def test_grid_pooling_tells_where_a_finding_is() -> None:
+    # one outstanding token, once on the left and once on the right of a 4 x 2 x 2 token grid
+    grid = (4, 2, 2)
+    left, right = torch.zeros(1, 16, 3), torch.zeros(1, 16, 3)
+    left[0, 0, 0] = right[0, 15, 0] = 5.0  # row-major: token 0 is x=0, token 15 is x=3
+    for pool in ("mean", "max"):  # a whole-volume pool cannot tell the two apart
+        assert torch.equal(pool_tokens(left, pool), pool_tokens(right, pool))
+    gp = TokenPool("grid", dim=3, pool_grid=(2, 1, 1))
+    with torch.no_grad():
+        gp.proj.weight.copy_(torch.eye(3, 6))  # z = the left cell's maxima
+        gp.proj.bias.zero_()
+        assert gp(left, grid)[0, 0] == 5.0 and gp(right, grid)[0, 0] == 0.0
+    # any input size: the adaptive pool always gives pool_grid cells
+    enc = build_encoder({"type": "cnn", "channels": [8], "dim": 8, "pool": "grid", "pool_grid": [3, 2, 1]}, (16, 16, 16))
+    for size in ((16, 16, 16), (24, 12, 8)):
+        assert enc(torch.randn(2, 1, *size)).pooled.shape == (2, 8)
+    with pytest.raises(ConfigError, match="pool_grid"):
+        TokenPool("grid", dim=4, pool_grid=(2, 0, 1))
