@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/retrieval_ceiling.py runs/synth1000c/studies.jsonl
     python benchmarks/retrieval_ceiling.py runs/synth1000c/studies.jsonl --run runs/s1_coarse --json ceiling.json
+    python benchmarks/retrieval_ceiling.py runs/synth1000c/studies.jsonl --keys class,subtype,location
 
 Uses the frozen text encoder's embedding cache next to the study list (the one stage 1 wrote),
 so it takes seconds once a pre-training run has embedded the texts.
@@ -67,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-split", default="val", help="held-out split (default: val, as stage 1 evaluates)")
     ap.add_argument("--text-model", default=None, help="text encoder name or path (default: the project default)")
     ap.add_argument("--run", type=Path, default=None, help="a stage-1 run folder to compare (metrics/pretrain_val.json)")
+    ap.add_argument("--keys", default=None,
+                    help="comma-separated top-level meta keys to keep (e.g. class,subtype,location; 'artefacts' too)")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-modality ceiling here")
     args = ap.parse_args(argv)
 
     studies = read_study_list(args.study_list)
     cache = make_text_cache({"text": {"model": args.text_model}}, args.study_list.resolve().parent / ".medmap_cache" / "text")
-    ceiling = retrieval_ceiling(studies, cache, eval_split=args.eval_split)
+    keys = None if args.keys is None else {k.strip() for k in args.keys.split(",") if k.strip()}
+    ceiling = retrieval_ceiling(studies, cache, eval_split=args.eval_split, keys=keys)
     run = None
     if args.run is not None:
         run = json.loads((args.run / "metrics" / "pretrain_val.json").read_text())["retrieval"]

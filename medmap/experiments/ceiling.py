@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,13 +62,18 @@ def _flatten(meta: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def ground_truth_features(meta: Mapping[str, Any], modality: str) -> dict[str, float]:
+def ground_truth_features(
+    meta: Mapping[str, Any], modality: str, keys: Collection[str] | None = None
+) -> dict[str, float]:
     """The generator's ground truth of one study, as seen by one modality, as named numbers.
 
     Numbers stay numbers, strings become one-hot ``key=value`` entries, nested dicts are
     flattened with dotted names, lists keep their first three numbers and their length, and
-    only this modality's artefact is kept.
+    only this modality's artefact is kept. ``keys`` keeps only these top-level meta keys
+    (``artefacts`` included), to see what each kind of ground truth buys.
     """
+    if keys is not None:
+        meta = {k: v for k, v in meta.items() if k in keys}
     feats = _flatten(meta)
     artefact = (meta.get("artefacts") or {}).get(modality)
     if artefact:
@@ -82,9 +87,11 @@ def retrieval_ceiling(
     train_split: str = "train",
     eval_split: str = "val",
     ks: Sequence[int] = (1, 5, 10),
+    keys: Collection[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per modality: stage-1 retrieval metrics when the image embedding is the ground truth's
-    ridge prediction of the text embedding (see the module docstring).
+    ridge prediction of the text embedding (see the module docstring). ``keys``: only these
+    top-level meta keys (:func:`ground_truth_features`).
 
     Returns:
         modality -> ``{"organ": ..., "alpha": ..., "v2t_R@k": ..., "v2t_R@k_chance": ..., ...}``,
@@ -108,9 +115,9 @@ def retrieval_ceiling(
             if len(train) < 5 or len(held) < 2:
                 continue
             model = make_pipeline(DictVectorizer(sparse=False), StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
-            model.fit([ground_truth_features(s.meta, m) for s in train], cache.embed([s.findings[m] for s in train]).numpy())
+            model.fit([ground_truth_features(s.meta, m, keys) for s in train], cache.embed([s.findings[m] for s in train]).numpy())
             texts = [s.findings[m] for s in held]
-            predicted = torch.as_tensor(model.predict([ground_truth_features(s.meta, m) for s in held]), dtype=torch.float32)
+            predicted = torch.as_tensor(model.predict([ground_truth_features(s.meta, m, keys) for s in held]), dtype=torch.float32)
             _, ids = np.unique(texts, return_inverse=True)
             metrics = retrieval_metrics(F.normalize(predicted, dim=-1), F.normalize(cache.embed(texts).float(), dim=-1),
                                         torch.as_tensor(ids), ks)

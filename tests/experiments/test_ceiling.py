@@ -62,6 +62,14 @@ def test_features_flatten_the_meta_and_keep_only_this_sequences_artefact() -> No
         "nodule_centres_vox[2]": 3.0, "nodule_centres_vox.n": 2.0, "artefact=ghosting": 1.0}
 
 
+def test_keys_restrict_the_ground_truth(tmp_path: Path) -> None:
+    studies = _studies(lambda i, meta: f"{meta['subtype']} in segment {meta['location']['segment']}")
+    cache = TextEmbeddingCache(tmp_path, HashEncoder())
+    res = retrieval_ceiling(studies, cache, keys={"subtype"})["t2wi"]  # the segment is unknown now
+    assert 0.4 < res["v2t_R@1"] < 0.6  # the right subtype, then a coin flip between two segments
+    assert ground_truth_features({"a": 1, "b": "x"}, "t2", keys={"b"}) == {"b=x": 1.0}
+
+
 def test_studies_without_ground_truth_are_refused(tmp_path: Path) -> None:
     studies = _studies(lambda i, meta: "normal")
     for s in studies:
