@@ -12,7 +12,7 @@ Usage::
     python benchmarks/retrieval_ceiling.py runs/synth1000c/studies.jsonl --keys class,subtype,location
 
 Uses the frozen text encoder's embedding cache next to the study list (the one stage 1 wrote),
-so it takes seconds once a pre-training run has embedded the texts.
+so it takes about 10 s once a pre-training run has embedded the texts.
 """
 
 from __future__ import annotations
