@@ -43,11 +43,10 @@ def format_table(ceiling: dict[str, dict], run: dict[str, dict] | None = None) -
     head = "| organ | modality | " + " | ".join(f"ceiling {k}" for k in KEYS)
     head += (" | " + " | ".join(f"run {k}" for k in ("v2t_R@5", "t2v_R@5")) + " | run share of v2t R@5 |") if run else " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    organs = sorted({v["organ"] for v in ceiling.values()})
-    groups = [(o, [m]) for o in organs for m in sorted(k for k, v in ceiling.items() if v["organ"] == o)]
-    groups += [(o, [m for m, v in ceiling.items() if v["organ"] == o]) for o in organs] + [("all", list(ceiling))]
-    for organ, mods in groups:
-        name = mods[0] if len(mods) == 1 and organ != "all" else "mean"
+    of_organ = {o: sorted(m for m, v in ceiling.items() if v["organ"] == o) for o in sorted({v["organ"] for v in ceiling.values()})}
+    groups = [(o, m, [m]) for o, mods in of_organ.items() for m in mods]  # (organ, row name, modalities)
+    groups += [(o, "mean", mods) for o, mods in of_organ.items()] + [("all", "mean", list(ceiling))]
+    for organ, name, mods in groups:
         c = _means(ceiling, mods)
         cells = [f"{c[k]:.3f} ({c[k + '_chance']:.3f})" for k in KEYS]
         if run:

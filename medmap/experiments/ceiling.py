@@ -119,7 +119,7 @@ def retrieval_ceiling(
             texts = [s.findings[m] for s in held]
             predicted = torch.as_tensor(model.predict([ground_truth_features(s.meta, m, keys) for s in held]), dtype=torch.float32)
             _, ids = np.unique(texts, return_inverse=True)
-            metrics = retrieval_metrics(F.normalize(predicted, dim=-1), F.normalize(cache.embed(texts).float(), dim=-1),
+            metrics = retrieval_metrics(F.normalize(predicted, dim=-1), F.normalize(cache.embed(texts), dim=-1),
                                         torch.as_tensor(ids), ks)
             out[m] = {"organ": organ, "alpha": float(model[-1].alpha_), **metrics}
     if not out:
