@@ -53,7 +53,7 @@ def _grid_tokens(x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return x.flatten(2).transpose(1, 2), (gx, gy, gz)
 
 
-POOLS = ("mean", "max", "grid")
+POOLS = ("mean", "max", "grid", "attention")
 
 
 def check_pool(pool: str) -> None:
@@ -75,14 +75,17 @@ def pool_tokens(tokens: Tensor, pool: str = "mean") -> Tensor:
 
 
 class TokenPool(nn.Module):
-    """How an encoder's tokens become ``z_m``: ``mean``, ``max`` or ``grid``.
+    """How an encoder's tokens become ``z_m``: ``mean``, ``max``, ``grid`` or ``attention``.
 
     ``mean`` and ``max`` (:func:`pool_tokens`) pool over the whole volume, so they keep *what*
     the volume shows but not *where*. ``grid`` max-pools the token grid into ``pool_grid``
     cells (an adaptive pool, so any input size works), concatenates the cells in a fixed order
     and maps them linearly to ``d``. With the default 2 x 2 x 2 cells ``z_m`` can tell left
     from right, front from back and top from bottom, which findings texts name ("left frontal
-    lobe", "segment VII") and retrieval has to match.
+    lobe", "segment VII") and retrieval has to match. ``attention`` is a softmax-weighted mean
+    with learned token scores (a linear map of each token, as CCT's ``attention`` pooling of
+    ``v*``): a finding that fills a few of the N tokens can take most of the weight instead of
+    1/N of it, as in the mean.
 
     >>> pool = TokenPool("grid", dim=4, pool_grid=(2, 1, 1))
     >>> pool(torch.randn(3, 6, 4), (2, 3, 1)).shape
@@ -98,8 +101,13 @@ class TokenPool(nn.Module):
             raise ConfigError(f"encoder 'pool_grid' must be three positive cell counts, got {list(pool_grid)}")
         if pool == "grid":
             self.proj = nn.Linear(dim * math.prod(self.pool_grid), dim)
+        elif pool == "attention":
+            self.score = nn.Linear(dim, 1)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        if self.pool == "attention":
+            weights = torch.softmax(self.score(tokens).squeeze(-1), dim=1)
+            return torch.einsum("bn,bnd->bd", weights, tokens)
         if self.pool != "grid":
             return pool_tokens(tokens, self.pool)
         b, _, d = tokens.shape

@@ -115,3 +115,24 @@ def test_grid_pooling_tells_where_a_finding_is() -> None:
         assert enc(torch.randn(2, 1, *size)).pooled.shape == (2, 8)
     with pytest.raises(ConfigError, match="pool_grid"):
         TokenPool("grid", dim=4, pool_grid=(2, 0, 1))
+
+
+def test_attention_pooling_weights_tokens_by_a_learned_score() -> None:
+    tokens = torch.zeros(1, 20, 3)
+    tokens[0, 7] = torch.tensor([1.0, 2.0, 3.0])  # one outstanding token among 20
+    ap = TokenPool("attention", dim=3)
+    with torch.no_grad():
+        ap.score.weight.zero_()
+        ap.score.bias.zero_()
+        # equal scores: the plain mean (the finding gets 1/N of the weight)
+        torch.testing.assert_close(ap(tokens, (5, 2, 2)), tokens.mean(1))
+        ap.score.weight.copy_(torch.tensor([[0.0, 0.0, 10.0]]))  # score = 10 x channel 2
+        z = ap(tokens, (5, 2, 2))
+    # the scored token takes nearly all the weight: 1 / (1 + 19 e^-30)
+    torch.testing.assert_close(z, tokens[:, 7], atol=1e-6, rtol=0)
+    # the score is trained: gradients reach it through an encoder's pooled vector
+    enc = build_encoder({"type": "cnn", "channels": [8], "dim": 8, "pool": "attention"}, (16, 16, 16))
+    enc(torch.randn(2, 1, 16, 16, 16)).pooled.square().sum().backward()
+    assert enc.pooling.score.weight.grad is not None and enc.pooling.score.weight.grad.abs().sum() > 0
+    # other poolings have no score parameters, so their checkpoints are unchanged
+    assert not any("score" in k for k in build_encoder({"type": "cnn", "channels": [8], "dim": 8}, (16, 16, 16)).state_dict())
