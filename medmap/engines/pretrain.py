@@ -141,12 +141,15 @@ def study_texts(studies: Sequence[Study]) -> list[str]:
     return [s.findings[m] for s in studies for m in s.modalities if s.findings.get(m)]
 
 
-def make_text_cache(cfg: Mapping[str, Any], default_dir: Path) -> TextEmbeddingCache:
-    """The text cache of a run; the encoder itself is only built if a text is missing."""
+def make_text_cache(cfg: Mapping[str, Any], default_dir: Path, progress: bool = False) -> TextEmbeddingCache:
+    """The text cache of a run; the encoder itself is only built if a text is missing.
+
+    ``progress`` shows a bar while texts missing from the cache are embedded.
+    """
     tcfg = cfg.get("text") or {}
     cache_dir = Path(tcfg.get("cache_dir") or default_dir)
     probe = FrozenTextEncoder(tcfg.get("model"))  # cheap: reads configs only, loads no weights
-    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id)
+    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id, progress=progress)
 
 
 def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo) -> PretrainData:
@@ -169,7 +172,8 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
     tables: dict[str, Any] = {}
 
     def build() -> None:
-        cache = make_text_cache(cfg, default_text_dir)
+        progress = info.is_main and bool((cfg.get("run") or {}).get("progress", True))
+        cache = make_text_cache(cfg, default_text_dir, progress=progress)
         tables["table"] = TextTable(texts, cache)
         tables["banks"] = {n: build_text_bank(o, cache) for n, o in organs.items()}
 

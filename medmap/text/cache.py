@@ -4,8 +4,10 @@ Layout::
 
     <cache_dir>/<model_id>/shard-<hash of the shard's keys>.safetensors
 
-Each shard holds the embeddings of one batch of texts that were missing from the cache,
-one float32 ``[dim]`` tensor per key, the key being the SHA-256 of the text. The shards
+Each shard holds the embeddings of up to ``shard_size`` texts that were missing from the
+cache, one float32 ``[dim]`` tensor per key, the key being the SHA-256 of the text. A long
+list of new texts is embedded and written shard by shard, so an interrupted embedding keeps
+what it finished and a rerun embeds only the rest. The shards
 themselves are the index: on opening, the cache lists the keys of every shard (reading
 headers only). Shards are written atomically (temporary file + rename), so a killed
 process or two processes writing at once never leave a half-written shard, at worst two
@@ -45,6 +47,8 @@ class TextEmbeddingCache:
             is only asked to embed texts that are not cached yet.
         model_id: cache namespace; defaults to ``encoder.model_id`` (give it explicitly
             together with a factory to avoid building the encoder at all).
+        shard_size: new texts per shard, the unit of work an interruption can lose.
+        progress: show a progress bar while new texts are embedded.
 
     Attributes:
         hits / misses: texts served from disk / sent to the encoder since creation.
@@ -55,7 +59,13 @@ class TextEmbeddingCache:
         cache_dir: str | Path,
         encoder: FrozenTextEncoder | Callable[[], FrozenTextEncoder],
         model_id: str | None = None,
+        shard_size: int = 1024,
+        progress: bool = False,
     ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.shard_size = int(shard_size)
+        self.progress = bool(progress)
         is_encoder = hasattr(encoder, "encode")
         self._encoder: FrozenTextEncoder | None = encoder if is_encoder else None  # type: ignore[assignment]
         self._factory = None if is_encoder else encoder
@@ -117,14 +127,24 @@ class TextEmbeddingCache:
         self.misses += len(new)
         self.hits += len(set(keys)) - len(new)
         if new:
-            emb = self.encoder.encode(list(new.values()))
-            tensors = {k: emb[i].contiguous().clone() for i, k in enumerate(new)}
-            shard = self.root / f"shard-{sha256_text(''.join(sorted(tensors)))[:16]}.safetensors"
-            atomic_write_bytes(shard, save_safetensors(tensors, metadata={"model_id": self.model_id}))
-            for k, v in tensors.items():
-                self._index[k] = shard
-                self._memory[k] = v
+            self._embed_new(list(new.items()))
         self._read([k for k in dict.fromkeys(keys) if k not in self._memory])
         if not keys:
             return torch.zeros(0, self.encoder.dim)
         return torch.stack([self._memory[k] for k in keys]).float()
+
+    def _embed_new(self, items: list[tuple[str, str]]) -> None:
+        """Embed ``(key, text)`` pairs not on disk yet, writing one shard per ``shard_size``."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(items), desc="embed texts", unit="text", disable=not self.progress) as bar:
+            for start in range(0, len(items), self.shard_size):
+                chunk = items[start : start + self.shard_size]
+                emb = self.encoder.encode([t for _, t in chunk])
+                tensors = {k: emb[i].contiguous().clone() for i, (k, _) in enumerate(chunk)}
+                shard = self.root / f"shard-{sha256_text(''.join(sorted(tensors)))[:16]}.safetensors"
+                atomic_write_bytes(shard, save_safetensors(tensors, metadata={"model_id": self.model_id}))
+                for k, v in tensors.items():
+                    self._index[k] = shard
+                    self._memory[k] = v
+                bar.update(len(chunk))

@@ -97,6 +97,38 @@ def test_cache_hits_misses_and_persistence(tmp_path: Path) -> None:
     assert len(TextEmbeddingCache(tmp_path, enc, model_id="other")) == 0
 
 
+class InterruptedEncoder(CountingEncoder):
+    """Like :class:`CountingEncoder`, but killed (raises) on its ``fail_on``-th call."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+
+    def encode(self, texts):
+        if len(self.calls) + 1 == self.fail_on:
+            raise KeyboardInterrupt("killed while embedding")
+        return super().encode(texts)
+
+
+def test_interrupted_embedding_keeps_finished_shards(tmp_path: Path) -> None:
+    texts = [f"finding {i}" for i in range(10)]
+    killed = InterruptedEncoder(fail_on=3)
+    with pytest.raises(KeyboardInterrupt):
+        TextEmbeddingCache(tmp_path, killed, shard_size=4).embed(texts)
+    assert killed.calls == [texts[:4], texts[4:8]]  # two shards done, the third was killed
+    assert len(list((tmp_path / "counting-v1").glob("shard-*.safetensors"))) == 2
+    assert not list((tmp_path / "counting-v1").glob("*.tmp"))
+
+    rerun = CountingEncoder()
+    cache = TextEmbeddingCache(tmp_path, rerun, shard_size=4, progress=True)
+    assert len(cache) == 8
+    out = cache.embed(texts)
+    assert rerun.calls == [texts[8:]]  # only what the interruption lost
+    torch.testing.assert_close(out, CountingEncoder().encode(texts))
+    with pytest.raises(ValueError, match="shard_size"):
+        TextEmbeddingCache(tmp_path, rerun, shard_size=0)
+
+
 def test_text_bank_and_table(tmp_path: Path) -> None:
     cache = TextEmbeddingCache(tmp_path, CountingEncoder())
     liver = load_organ_config("liver")
