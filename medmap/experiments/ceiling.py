@@ -12,7 +12,7 @@ For each modality, every study is described by the generator's ground truth
 split with its penalty chosen by cross-validation there, maps these features to the frozen
 text encoder's embedding of the findings text. The predicted embeddings then take the place
 of the image embeddings in the same retrieval metric as stage 1
-(:func:`medmap.engines.pretrain.retrieval_metrics`), on the held-out split.
+(:func:`medmap.evaluation.retrieval.retrieval_metrics`), on the held-out split.
 
 It is an estimate, not a bound: a linear map from hand-flattened metadata can miss what a
 non-linear one would find, and an image model cannot see everything in ``meta``. It needs
@@ -102,7 +102,7 @@ def retrieval_ceiling(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from medmap.engines.pretrain import retrieval_metrics
+    from medmap.evaluation.retrieval import retrieval_metrics
 
     if not any(s.meta.get("generator") for s in studies):
         raise StudyListError("retrieval_ceiling needs studies written by `medmap synth` (their 'meta' is the ground truth)")
