@@ -99,7 +99,6 @@ def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistIn
         timeout_s: collective timeout.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device)
     if dev.type == "cuda":

@@ -232,7 +232,6 @@ def _macro_auc_fast(y: np.ndarray, p: np.ndarray) -> float | None:
 def _ece_fast(conf: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> float:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
     gap = np.abs(np.bincount(idx, weights=correct, minlength=n_bins) - np.bincount(idx, weights=conf, minlength=n_bins))
     return float(gap.sum() / len(conf))
 

@@ -338,7 +338,6 @@ def generate_liver_study(index: int, seed: int, label: str, cfg: dict[str, Any])
         raise RuntimeError("liver generation failed: liver too small for the grid")
 
     # --- vessels (portal vein from the hilum, hepatic veins to the IVC) ---
-    lidx = np.argwhere(liver_mask)
     lmin = pts[:, liver_mask].min(axis=1)
     lmax = pts[:, liver_mask].max(axis=1)
     portal_z = float(lmin[2] + 0.45 * (lmax[2] - lmin[2]))
