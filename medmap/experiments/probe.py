@@ -113,8 +113,8 @@ def encoder_probe(
         cache_dir: preprocessing cache (default: ``.medmap_cache/preprocess`` next to the list).
 
     Returns:
-        ``classes``, per-split scores (``train``: last epoch, ``val``: ``eval_split``) with
-        chance levels, and ``train_time_s``.
+        ``classes``, scores of the final model with chance levels (``train``: the training
+        split, un-augmented; ``val``: ``eval_split``), and ``train_time_s``.
 
     Raises:
         StudyListError: too few studies with the target, or a target with one value only.
