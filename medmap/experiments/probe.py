@@ -122,7 +122,8 @@ def encoder_probe(
     organ_cfg = load_organ_config(organ)
     if modality not in organ_cfg.modalities:
         raise ConfigError(f"modality '{modality}' is not one of {', '.join(organ_cfg.modalities)}")
-    # only the probed sequence is read, preprocessed and augmented
+    # only the probed sequence is read, preprocessed and augmented (so the foreground mask of
+    # preprocessing comes from this sequence alone, not from the union over the study's sequences)
     studies = [
         dataclasses.replace(s, modalities={modality: s.modalities[modality]})
         for s in read_study_list(study_list)
