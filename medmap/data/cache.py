@@ -97,6 +97,12 @@ def _safetensors_metadata(raw: bytes) -> dict[str, str]:
     return dict(json.loads(raw[8 : 8 + n]).get("__metadata__") or {})
 
 
+def default_cache_root(study_list: str | Path) -> Path:
+    """Where a study list's caches live unless a config says otherwise: ``.medmap_cache`` next
+    to the list (``preprocess/`` and ``text/`` inside)."""
+    return Path(study_list).resolve().parent / ".medmap_cache"
+
+
 class PreprocessCache:
     """A folder of preprocessed studies keyed by file content and preprocessing config.
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medmap.data.cache import PreprocessCache
+from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import ensure_splits
 from medmap.data.studylist import SPLITS, read_study_list
@@ -75,7 +75,7 @@ def evaluate_run(
         studies = [s for s in studies if s.modalities]
     if not studies:
         raise StudyListError(f"{study_list}: no labelled {organ.name} studies in the {split} split")
-    cache = PreprocessCache(study_list.resolve().parent / ".medmap_cache" / "preprocess")
+    cache = PreprocessCache(default_cache_root(study_list) / "preprocess")
     ds = StudyDataset(studies, organ, cache=cache)
     batches = [list(range(i, min(len(ds), i + batch_size))) for i in range(0, len(ds), batch_size)]
     from torch.utils.data import DataLoader

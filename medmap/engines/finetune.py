@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medmap.config import load_organ_config, load_yaml
-from medmap.data.cache import PreprocessCache
+from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import ensure_splits
 from medmap.data.studylist import read_study_list
@@ -154,7 +154,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
         raise StudyListError(f"{study_list}: fine-tuning needs labelled {organ.name} studies in both the train "
                              f"and the val split (got {len(train)} train, {len(val)} val)")
     dcfg = dict(cfg.get("data") or {})
-    cache_root = Path(dcfg.get("cache_dir") or study_list.resolve().parent / ".medmap_cache")
+    cache_root = Path(dcfg.get("cache_dir") or default_cache_root(study_list))
     pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.get("cache_dir") else cache_root)
     augment = None
     acfg = dcfg.get("augment")

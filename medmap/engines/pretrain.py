@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from medmap.config import OrganConfig, load_organ_config
-from medmap.data.cache import PreprocessCache
+from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study, read_study_list
 from medmap.engines.common import (
@@ -167,7 +167,7 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
     held_out = [s for s in studies if s.split == split]
     if not train:
         raise StudyListError(f"{study_list}: no studies in the training split")
-    default_text_dir = Path(study_list).resolve().parent / ".medmap_cache" / "text"
+    default_text_dir = default_cache_root(study_list) / "text"
     texts = study_texts(train) + study_texts(held_out)
     tables: dict[str, Any] = {}
 
@@ -422,7 +422,7 @@ def run_pretraining(
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(run_dir, cfg)
         data = prepare_data(cfg, study_list, info)
-        pcache_dir = (cfg["data"].get("cache_dir") or Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+        pcache_dir = (cfg["data"].get("cache_dir") or default_cache_root(study_list) / "preprocess")
         pcache = PreprocessCache(pcache_dir)
         augment = None
         acfg = cfg["data"].get("augment")

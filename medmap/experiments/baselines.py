@@ -246,7 +246,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     Returns:
         The test metrics (``RUN_DIR/metrics/test/metrics.json``).
     """
-    from medmap.data.cache import PreprocessCache
+    from medmap.data.cache import PreprocessCache, default_cache_root
     from medmap.data.dataset import StudyDataset, collate_studies
     from medmap.engines.common import (RunLogger, autocast_context, clip_gradients, find_checkpoint, load_checkpoint,
                                        save_checkpoint, save_resolved_config, warmup_cosine_schedule)
@@ -266,7 +266,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
-    pcache = PreprocessCache(Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+    pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")
     augment = None
     acfg = (cfg.get("data") or {}).get("augment")
     if acfg and acfg.get("enabled", True):
@@ -395,7 +395,7 @@ def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: st
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from medmap.data.cache import PreprocessCache
+    from medmap.data.cache import PreprocessCache, default_cache_root
     from medmap.data.dataset import StudyDataset
     from medmap.engines.common import save_resolved_config
     from medmap.utils import pick_device, seed_everything
@@ -416,7 +416,7 @@ def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: st
     splits = labelled_splits(study_list, organ, seed)
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the linear probe chooses C on the val split, which is empty")
-    pcache = PreprocessCache(Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+    pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")
     x = {k: frozen_features(model, StudyDataset(v, organ, cache=pcache), dev, pool) for k, v in splits.items() if v}
     y = {k: np.array([organ.classes.index(s.label) for s in v]) for k, v in splits.items()}
     best, best_c = -math.inf, float(cs[0])

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from medmap.config import load_organ_config
 from medmap.data.augment import build_augmentation
-from medmap.data.cache import PreprocessCache
+from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study, read_study_list
 from medmap.errors import ConfigError, StudyListError
@@ -144,7 +144,7 @@ def encoder_probe(
     y = {k: np.array([index[v] for _, v in p]) for k, p in pairs.items()}
 
     seed_everything(seed)
-    cache = PreprocessCache(cache_dir or Path(study_list).resolve().parent / ".medmap_cache" / "preprocess")
+    cache = PreprocessCache(cache_dir or default_cache_root(study_list) / "preprocess")
     aug = build_augmentation(dict(augment), seed=seed) if augment else None
     train_ds = StudyDataset([s for s, _ in pairs[train_split]], organ_cfg, cache=cache, augment=aug)
     eval_train = StudyDataset([s for s, _ in pairs[train_split]], organ_cfg, cache=cache)
@@ -152,8 +152,7 @@ def encoder_probe(
     j = organ_cfg.modalities.index(modality)
 
     encoder = build_encoder(dict(arch), organ_cfg.roi_size)
-    dim = int(encoder(torch.zeros(1, 1, *organ_cfg.roi_size)).pooled.shape[1])
-    model = _Probe(encoder, dim, len(classes))
+    model = _Probe(encoder, int(encoder.dim), len(classes))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * max(1, -(-len(train_ds) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
