@@ -27,6 +27,10 @@ from medmap.errors import ConfigError
 CONFIG_ROOT = Path(str(resources.files("medmap") / "configs"))
 
 
+#: Field-of-view crops of preprocessing (``OrganConfig.crop``).
+CROPS = ("foreground", "roi_mask")
+
+
 @dataclass(frozen=True)
 class OrganConfig:
     """Everything the data layer and the models need to know about one organ (task).
@@ -41,6 +45,10 @@ class OrganConfig:
         modality_descriptors: one short text per modality.
         min_modalities: a study with fewer present modalities is rejected.
         description: free text.
+        crop: how preprocessing picks the field of view before padding to ``roi_size``:
+            ``foreground`` (the body, found by intensity; the default) or ``roi_mask`` (the
+            bounding box of each study's ``roi_mask``, e.g. a liver segmentation, so that a
+            small organ fills the input instead of a few percent of it).
     """
 
     name: str
@@ -52,6 +60,7 @@ class OrganConfig:
     modality_descriptors: dict[str, str] = field(default_factory=dict)
     min_modalities: int = 1
     description: str = ""
+    crop: str = "foreground"
 
     def __post_init__(self) -> None:
         where = f"organ config '{self.name}'"
@@ -75,6 +84,11 @@ class OrganConfig:
             raise ConfigError(f"{where}: modality_descriptors for unknown modalities {sorted(unknown)}")
         if not 1 <= self.min_modalities <= len(self.modalities):
             raise ConfigError(f"{where}: min_modalities must be between 1 and {len(self.modalities)}")
+        reserved = {"roi_mask", "foreground"} & set(self.modalities)
+        if reserved:
+            raise ConfigError(f"{where}: {sorted(reserved)} cannot name a modality (preprocessing uses them)")
+        if self.crop not in CROPS:
+            raise ConfigError(f"{where}: 'crop' must be one of {', '.join(CROPS)}, got {self.crop!r}")
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +127,7 @@ class OrganConfig:
             modality_descriptors={str(k): str(v) for k, v in (d.get("modality_descriptors") or {}).items()},
             min_modalities=int(d.get("min_modalities", 1)),
             description=str(d.get("description", "")),
+            crop=str(d.get("crop", "foreground")),
         )
 
 

@@ -269,17 +269,20 @@ class MedMAPPredictor:
     def classes(self) -> list[str]:
         return list(self.organ.classes)
 
-    def preprocess(self, paths: Mapping[str, str | Path]) -> dict[str, Tensor]:
+    def preprocess(self, paths: Mapping[str, str | Path], roi_mask: str | Path | None = None) -> dict[str, Tensor]:
         """The shared preprocessing function (with this predictor's cache, if any)."""
-        return preprocess_volumes(paths, self.organ, cache=self.cache)
+        return preprocess_volumes(paths, self.organ, cache=self.cache, roi_mask=roi_mask)
 
-    def predict(self, paths: Mapping[str, str | Path], study_id: str = "study", saliency_dir: str | Path | None = None) -> Prediction:
+    def predict(self, paths: Mapping[str, str | Path], study_id: str = "study", saliency_dir: str | Path | None = None,
+                roi_mask: str | Path | None = None) -> Prediction:
         """Predict one study given as modality -> NIfTI path.
 
         Args:
             paths: any non-empty subset of the organ's modalities.
             study_id: used in the output and the saliency file names.
             saliency_dir: when given, write a Grad-CAM NIfTI and PNG overlay there.
+            roi_mask: the study's organ mask, for a run whose organ config crops to one
+                (``crop: roi_mask``); ignored otherwise.
 
         Raises:
             VolumeError: a missing or unreadable file, an unknown modality, a bad volume.
@@ -288,7 +291,7 @@ class MedMAPPredictor:
             if not Path(p).is_file():
                 raise VolumeError(f"{m}: file not found: {p}")
         t0 = time.perf_counter()
-        sample = self.preprocess(paths)
+        sample = self.preprocess(paths, roi_mask=roi_mask)
         t1 = time.perf_counter()
         images = sample["images"][None].to(self.device)
         present = sample["present"][None].to(self.device)
@@ -323,7 +326,7 @@ class MedMAPPredictor:
         """Predict a :class:`~medmap.data.studylist.Study` (its organ must match)."""
         if study.organ != self.organ.name:
             raise VolumeError(f"study '{study.study_id}' is a {study.organ} study; this model is for {self.organ.name}")
-        return self.predict(study.modalities, study.study_id, saliency_dir)
+        return self.predict(study.modalities, study.study_id, saliency_dir, roi_mask=study.roi_mask)
 
 
 def _checkpoint_dir(run_dir: Path, which: str) -> Path:

@@ -25,3 +25,17 @@ def test_base_cycle_is_a_config_error(tmp_path) -> None:
     path.write_text(yaml.safe_dump({"base": str(path)}))
     with pytest.raises(ConfigError, match="base"):
         load_organ_config(path)
+
+
+def test_crop_is_foreground_unless_set_and_is_checked() -> None:
+    from medmap.config import OrganConfig
+
+    assert load_organ_config("liver_8mm").crop == "foreground"
+    roi = load_organ_config("liver_8mm_roi")
+    assert roi.crop == "roi_mask" and roi.name == "liver" and roi.spacing == (8.0, 8.0, 10.0)
+    assert OrganConfig.from_dict(roi.to_dict()) == roi  # saved with a run, read back by medmap predict
+    base = load_organ_config("liver").to_dict()
+    with pytest.raises(ConfigError, match=r"'crop' must be one of foreground, roi_mask, got 'liver'"):
+        OrganConfig.from_dict({**base, "crop": "liver"})
+    with pytest.raises(ConfigError, match=r"\['roi_mask'\] cannot name a modality"):
+        OrganConfig.from_dict({**base, "modalities": ["t2wi", "roi_mask"], "modality_descriptors": {}})

@@ -4,6 +4,7 @@ Example::
 
     medmap predict runs/liver --study study.json          # a JSON object as in a study-list line
     medmap predict runs/brain t1=sub/t1.nii.gz flair=sub/flair.nii.gz --out pred/
+    medmap predict runs/liver_roi t2wi=s/t2wi.nii.gz --roi-mask s/liver_mask.nii.gz   # crop: roi_mask runs
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--study", type=Path, default=None,
                    help="JSON file with one study (as one study-list line; relative paths resolve against its folder)")
     p.add_argument("--study-id", default=None)
+    p.add_argument("--roi-mask", type=Path, default=None,
+                   help="the study's organ mask (NIfTI on the volumes' grid), for runs whose organ config has "
+                   "crop: roi_mask; overrides a 'roi_mask' in --study")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
     p.add_argument("--no-saliency", action="store_true", help="skip the Grad-CAM saliency map")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
@@ -46,7 +50,8 @@ def parse_volumes(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def read_study_json(path: Path) -> tuple[str, dict[str, Path]]:
+def read_study_json(path: Path) -> tuple[str, dict[str, Path], Path | None]:
+    """``(study_id, modality -> path, roi_mask or None)`` from a JSON file holding one study-list line."""
     from medmap.data.studylist import _parse_line
 
     if not path.is_file():
@@ -60,7 +65,7 @@ def read_study_json(path: Path) -> tuple[str, dict[str, Path]]:
         obj.setdefault("study_id", path.stem)
         obj.setdefault("organ", "unknown")
     study = _parse_line(obj, str(path), path.resolve().parent)
-    return study.study_id, study.modalities
+    return study.study_id, study.modalities, study.roi_mask
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,15 +74,17 @@ def run(args: argparse.Namespace) -> int:
     if args.study is not None and args.volumes:
         raise StudyListError("give either --study or MODALITY=PATH arguments, not both")
     if args.study is not None:
-        study_id, paths = read_study_json(args.study)
+        study_id, paths, roi_mask = read_study_json(args.study)
     elif args.volumes:
         paths = parse_volumes(args.volumes)
-        study_id = "study"
+        study_id, roi_mask = "study", None
     else:
         raise StudyListError("nothing to predict: give --study STUDY.json or MODALITY=PATH arguments")
     study_id = args.study_id or study_id
+    roi_mask = args.roi_mask or roi_mask
     predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device)
-    pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out)
+    pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out,
+                             roi_mask=roi_mask)
     out_json = write_prediction(pred, args.out / f"{study_id}_prediction.json")
     print(json.dumps(pred.to_json(), indent=1))
     print(f"prediction written to {out_json}")

@@ -10,7 +10,11 @@ dictionary transforms, applied per modality with the modality names as keys:
 3. resampling to the organ's spacing (``Spacingd``, trilinear);
 4. a *joint* foreground mask over the present modalities (each modality thresholded at 5%
    of its robust intensity range, union, largest connected component, holes filled), and a
-   crop to its bounding box plus a margin (``CropForegroundd``), so modalities stay aligned;
+   crop to its bounding box plus a margin (``CropForegroundd``), so modalities stay aligned.
+   With ``crop: roi_mask`` in the organ config the crop is to the bounding box of the
+   study's region-of-interest mask instead (e.g. a liver segmentation, resampled with the
+   volumes), plus the same margin: a liver fills a few percent of an abdominal field of
+   view and a few-voxel lesion is lost in it;
 5. MRI intensity normalisation, per modality: clip to the 0.5th/99.5th percentiles of the
    foreground, z-score with the foreground's mean and standard deviation, zero outside the
    foreground. Never a CT window;
@@ -49,7 +53,7 @@ from scipy import ndimage
 
 from medmap.config import OrganConfig, load_organ_config
 from medmap.data.studylist import Study
-from medmap.data.validate import check_same_grid, check_volume
+from medmap.data.validate import check_roi_mask, check_same_grid, check_volume
 from medmap.errors import StudyListError, VolumeError
 
 if TYPE_CHECKING:
@@ -68,11 +72,13 @@ FOREGROUND_FRACTION = 0.05
 #: Voxels kept around the foreground bounding box (at the organ's spacing).
 CROP_MARGIN = 2
 FOREGROUND_KEY = "foreground"
+#: Key of the region-of-interest mask in the transform dictionaries (and the cache's file map).
+ROI_KEY = "roi_mask"
 
 
 def preprocessing_signature(organ: OrganConfig) -> dict[str, Any]:
     """Everything that determines the preprocessing output besides the files (cache key)."""
-    return {
+    signature = {
         "version": PREPROCESSING_VERSION,
         "modalities": list(organ.modalities),
         "spacing": [float(s) for s in organ.spacing],
@@ -81,6 +87,9 @@ def preprocessing_signature(organ: OrganConfig) -> dict[str, Any]:
         "foreground_fraction": FOREGROUND_FRACTION,
         "crop_margin": CROP_MARGIN,
     }
+    if organ.crop != "foreground":  # only when set, so that foreground-crop cache keys stay as they were
+        signature["crop"] = organ.crop
+    return signature
 
 
 class JointForegroundMaskd(MapTransform):
@@ -159,12 +168,14 @@ class RobustZScoreNormalized(MapTransform):
 def build_preprocessing(organ: OrganConfig) -> Compose:
     """The MONAI transform chain for one organ (keys: the organ's modalities, missing allowed)."""
     keys = list(organ.modalities)
+    geometry = keys + [ROI_KEY]  # the ROI mask (when given) is resampled and cropped with the volumes
+    crop_source = ROI_KEY if organ.crop == "roi_mask" else FOREGROUND_KEY
     return Compose(
         [
-            EnsureChannelFirstd(keys, channel_dim="no_channel", allow_missing_keys=True),
-            Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
+            EnsureChannelFirstd(geometry, channel_dim="no_channel", allow_missing_keys=True),
+            Orientationd(geometry, axcodes="RAS", labels=None, allow_missing_keys=True),
             Spacingd(
-                keys,
+                geometry,
                 pixdim=tuple(organ.spacing),
                 mode="bilinear",
                 padding_mode="border",
@@ -173,8 +184,8 @@ def build_preprocessing(organ: OrganConfig) -> Compose:
             ),
             JointForegroundMaskd(keys),
             CropForegroundd(
-                keys + [FOREGROUND_KEY],
-                source_key=FOREGROUND_KEY,
+                geometry + [FOREGROUND_KEY],
+                source_key=crop_source,  # crops to voxels > 0: any part of a resampled mask voxel counts
                 margin=CROP_MARGIN,
                 allow_smaller=True,
                 allow_missing_keys=True,
@@ -201,19 +212,24 @@ def _check_modalities(paths: Mapping[str, Any], organ: OrganConfig) -> None:
         )
 
 
-def _compute(paths: Mapping[str, Path], organ: OrganConfig, round_float16: bool = True) -> dict[str, torch.Tensor]:
+def _compute(paths: Mapping[str, Path], organ: OrganConfig, roi_mask: Path | None = None,
+             round_float16: bool = True) -> dict[str, torch.Tensor]:
     data: dict[str, MetaTensor] = {}
     grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
-    for modality in organ.modalities:  # fixed order: the first present modality is the reference grid
-        if modality not in paths:
-            continue
-        img = check_volume(paths[modality])
+    files: dict[str, Path] = {m: paths[m] for m in organ.modalities if m in paths}
+    if roi_mask is not None:  # after the volumes: the first volume is the reference grid
+        files[ROI_KEY] = roi_mask
+    for key, file in files.items():
+        img = check_roi_mask(file) if key == ROI_KEY else check_volume(file)
         affine = np.asarray(img.affine, dtype=np.float64)
-        grids[modality] = (tuple(img.shape), affine)
-        data[modality] = MetaTensor(
-            torch.from_numpy(np.ascontiguousarray(img.get_fdata(dtype=np.float32))),
+        grids[key] = (tuple(img.shape), affine)
+        voxels = np.asarray(img.get_fdata(dtype=np.float32))
+        if key == ROI_KEY:
+            voxels = (voxels != 0).astype(np.float32)
+        data[key] = MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(voxels)),
             affine=torch.from_numpy(affine),
-            meta={"filename_or_obj": str(paths[modality]), "space": "RAS"},  # nibabel affines are RAS
+            meta={"filename_or_obj": str(file), "space": "RAS"},  # nibabel affines are RAS
         )
     check_same_grid(grids)
     out = build_preprocessing(organ)(data)
@@ -239,6 +255,7 @@ def preprocess_volumes(
     paths: Mapping[str, str | Path],
     organ: OrganConfig | str | Path,
     cache: PreprocessCache | None = None,
+    roi_mask: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
     """Preprocess the volumes of one study, given as modality -> NIfTI path (prediction entry).
 
@@ -246,6 +263,8 @@ def preprocess_volumes(
         paths: modality name -> file; any subset of the organ's modalities.
         organ: organ config, or a built-in name / YAML path.
         cache: optional :class:`~medmap.data.cache.PreprocessCache`.
+        roi_mask: the study's region-of-interest mask (NIfTI on the volumes' grid); required
+            by, and only read for, organ configs with ``crop: roi_mask``.
 
     Returns:
         ``{"images": float32 [M, X, Y, Z], "present": bool [M], "affine": float64 [4, 4]}``,
@@ -254,14 +273,24 @@ def preprocess_volumes(
 
     Raises:
         VolumeError: an unknown modality, too few modalities, a volume failing
-            :func:`~medmap.data.validate.check_volume`, or modalities on different grids.
+            :func:`~medmap.data.validate.check_volume`, modalities on different grids, or
+            (``crop: roi_mask``) a missing, empty or misaligned ROI mask.
     """
     organ = load_organ_config(organ)
     files = {str(m): Path(p) for m, p in paths.items()}
     _check_modalities(files, organ)
+    mask: Path | None = None
+    if organ.crop == "roi_mask":
+        if roi_mask is None:
+            raise VolumeError(
+                f"organ config '{organ.name}' crops to a region-of-interest mask (crop: roi_mask) and none was "
+                "given: add 'roi_mask' to the study list line, or pass --roi-mask to medmap predict"
+            )
+        mask = Path(roi_mask)
     if cache is None:
-        return _compute(files, organ)
-    return cache.get_or_compute(files, preprocessing_signature(organ), lambda: _compute(files, organ))
+        return _compute(files, organ, mask)
+    keyed = files if mask is None else {**files, ROI_KEY: mask}
+    return cache.get_or_compute(keyed, preprocessing_signature(organ), lambda: _compute(files, organ, mask))
 
 
 def preprocess_study(
@@ -278,6 +307,6 @@ def preprocess_study(
     if study.organ != organ.name:
         raise StudyListError(f"study '{study.study_id}' is a {study.organ} study, not {organ.name}")
     try:
-        return preprocess_volumes(study.modalities, organ, cache=cache)
+        return preprocess_volumes(study.modalities, organ, cache=cache, roi_mask=study.roi_mask)
     except VolumeError as e:
         raise VolumeError(f"study '{study.study_id}': {e}") from e

@@ -9,7 +9,9 @@ Each line is a JSON object::
      "label": "cyst", "split": "train", "meta": {"...": "anything, e.g. ground truth"}}
 
 ``study_id``, ``patient_id``, ``organ`` and ``modalities`` are required; ``findings``,
-``impression``, ``label``, ``split`` and ``meta`` are optional. Relative paths resolve
+``impression``, ``label``, ``split``, ``roi_mask`` and ``meta`` are optional. ``roi_mask`` is
+a NIfTI mask on the volumes' grid (non-zero = the organ, e.g. a liver segmentation); organ
+configs with ``crop: roi_mask`` crop the field of view to it. Relative paths resolve
 against the folder that holds the list. Reading checks structure only; ``medmap validate``
 (:mod:`medmap.data.validate`) also opens every file.
 
@@ -33,7 +35,7 @@ from medmap.utils import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("study_id", "patient_id", "organ", "modalities")
-OPTIONAL_KEYS = ("findings", "impression", "label", "split", "meta")
+OPTIONAL_KEYS = ("findings", "impression", "label", "split", "roi_mask", "meta")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Study:
         label: class name for the organ's task, or ``None`` when unlabelled.
         split: ``train``, ``val``, ``test`` or ``None``.
         meta: free-form extra data (e.g. the synthetic generator's ground truth).
+        roi_mask: absolute path of a region-of-interest mask on the volumes' grid (an organ
+            segmentation), or ``None``. Used by organ configs with ``crop: roi_mask``.
     """
 
     study_id: str
@@ -61,18 +65,20 @@ class Study:
     label: str | None = None
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    roi_mask: Path | None = None
 
     def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
         """A JSON-ready dict; paths are written relative to ``relative_to`` when inside it."""
-        mods: dict[str, str] = {}
-        for m, p in self.modalities.items():
+        def rel(p: Path) -> str:
             p = Path(p)
             if relative_to is not None:
                 try:
                     p = p.resolve().relative_to(Path(relative_to).resolve())
                 except ValueError:
                     pass
-            mods[m] = p.as_posix()
+            return p.as_posix()
+
+        mods = {m: rel(p) for m, p in self.modalities.items()}
         d: dict[str, Any] = {
             "study_id": self.study_id,
             "patient_id": self.patient_id,
@@ -85,6 +91,8 @@ class Study:
             d["label"] = self.label
         if self.split is not None:
             d["split"] = self.split
+        if self.roi_mask is not None:
+            d["roi_mask"] = rel(self.roi_mask)
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -105,12 +113,18 @@ def _parse_line(obj: Any, where: str, base: Path) -> Study:
     mods = obj["modalities"]
     if not isinstance(mods, dict) or not mods:
         raise StudyListError(f"{where}: 'modalities' must be a non-empty object of modality -> path")
+    def resolve(p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else (base / path)
+
     paths: dict[str, Path] = {}
     for m, p in mods.items():
         if not isinstance(p, str) or not p:
             raise StudyListError(f"{where}: path of modality '{m}' must be a non-empty string")
-        path = Path(os.path.expanduser(p))
-        paths[str(m)] = path if path.is_absolute() else (base / path)
+        paths[str(m)] = resolve(p)
+    roi_mask = obj.get("roi_mask")
+    if roi_mask is not None and (not isinstance(roi_mask, str) or not roi_mask):
+        raise StudyListError(f"{where}: 'roi_mask' must be a non-empty string (a NIfTI mask path) or null")
     findings = obj.get("findings") or {}
     if not isinstance(findings, dict) or not all(isinstance(v, str) for v in findings.values()):
         raise StudyListError(f"{where}: 'findings' must be an object of modality -> text")
@@ -136,6 +150,7 @@ def _parse_line(obj: Any, where: str, base: Path) -> Study:
         label=label,
         split=split,
         meta=meta,
+        roi_mask=None if roi_mask is None else resolve(roi_mask),
     )
 
 

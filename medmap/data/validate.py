@@ -71,7 +71,7 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def check_volume(path: str | Path) -> nib.Nifti1Image:
+def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Image:
     """Open a NIfTI volume and check that it can be used as one MRI sequence.
 
     Checks, in order: the file exists; nibabel can read it as NIfTI; it is 3D (trailing
@@ -81,6 +81,7 @@ def check_volume(path: str | Path) -> nib.Nifti1Image:
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
+        allow_constant: skip the last check (for masks, see :func:`check_roi_mask`).
 
     Returns:
         A 3D ``Nifti1Image`` holding the voxel data as float32 in memory and the file's
@@ -128,10 +129,29 @@ def check_volume(path: str | Path) -> nib.Nifti1Image:
     if n_bad:
         raise VolumeError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
     lo, hi = float(data.min()), float(data.max())
-    if lo == hi:
+    if lo == hi and not allow_constant:
         raise VolumeError(f"{path}: the volume is constant (every voxel is {lo:g}); it holds no image")
     out = nib.Nifti1Image(data, affine)
     return out
+
+
+def check_roi_mask(path: str | Path) -> nib.Nifti1Image:
+    """Open a study's region-of-interest mask (``roi_mask``) and check it can crop the volumes.
+
+    The same file checks as :func:`check_volume`, and at least one voxel must be non-zero.
+    A full mask (every voxel inside) is allowed. Whether it lies on the volumes' grid is
+    checked with them (:func:`check_same_grid`).
+
+    Raises:
+        VolumeError: naming the file, as ``roi_mask <path>: <problem>``.
+    """
+    try:
+        img = check_volume(path, allow_constant=True)
+    except VolumeError as e:
+        raise VolumeError(f"roi_mask {e}") from e
+    if not np.any(np.asarray(img.dataobj)):
+        raise VolumeError(f"roi_mask {path}: the mask is empty (no voxel is non-zero); it marks no region to crop to")
+    return img
 
 
 def _corners(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -196,8 +216,10 @@ def validate_study_list(
 
     Checked per line: valid JSON with the study-list structure, unique ``study_id``, a known
     organ, modalities and label known to the organ config, at least ``min_modalities``
-    modalities, every volume usable (:func:`check_volume`) and all volumes of the study on
-    one voxel grid (:func:`check_same_grid`). Across lines: no patient in two splits.
+    modalities, every volume usable (:func:`check_volume`), a usable ``roi_mask``
+    (:func:`check_roi_mask`; required when the organ config has ``crop: roi_mask``) and all
+    volumes and the mask of the study on one voxel grid (:func:`check_same_grid`). Across
+    lines: no patient in two splits.
 
     Args:
         path: the ``.jsonl`` study list.
@@ -286,6 +308,15 @@ def validate_study_list(
                 report(f"modality '{modality}': {result}")
             else:
                 grids[modality] = result
+        if study.roi_mask is not None:
+            try:
+                mask = check_roi_mask(study.roi_mask)
+                if grids:
+                    grids["roi_mask"] = (tuple(mask.shape), np.asarray(mask.affine, np.float64))
+            except VolumeError as e:
+                report(str(e))
+        elif organ is not None and organ.crop == "roi_mask":
+            report(f"has no 'roi_mask'; organ config '{organ.name}' crops to one (crop: roi_mask)")
         try:
             check_same_grid(grids)
         except VolumeError as e:

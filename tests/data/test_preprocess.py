@@ -134,3 +134,81 @@ def test_builtin_brain_shape(tmp_path):
     assert out["images"].shape == (4, 80, 96, 80)
     assert out["present"].tolist() == [True, False, False, False]
     assert isinstance(nib.load(str(path)), nib.Nifti1Image)
+
+
+def _roi_case(tmp_path):
+    """A head whose marker (at voxel i = 0.25 X, j = 0.3 Y) has an 'organ' mask around it."""
+    data = head_volume(seed=2)
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    i0, j0, k0 = int(0.25 * SHAPE[0]), int(0.3 * SHAPE[1]), int(0.5 * SHAPE[2])
+    mask[i0 - 5 : i0 + 5, j0 - 5 : j0 + 5, k0 - 3 : k0 + 3] = 1
+    return write_nifti(tmp_path / "t1.nii.gz", data), write_nifti(tmp_path / "organ.nii.gz", mask)
+
+
+def test_roi_mask_crop_fills_the_input_with_the_organ(tmp_path):
+    """crop: roi_mask crops to the mask's box (plus the margin), so the marked organ fills the input."""
+    t1, mask = _roi_case(tmp_path)
+    whole = preprocess_volumes({"t1": t1}, toy_organ(roi_size=(40, 40, 40)))["images"][0]
+    roi = preprocess_volumes({"t1": t1}, toy_organ(roi_size=(40, 40, 40), crop="roi_mask"), roi_mask=mask)
+    x = roi["images"][0]
+    # 10 x 10 x 6 source voxels of 1.5 x 1.5 x 3 mm -> about 8 x 8 x 9 voxels of 2 mm (+ 2 margin a side)
+    nonzero = (x != 0).nonzero()
+    extent = (nonzero.max(0).values - nonzero.min(0).values + 1).tolist()
+    assert all(e <= 14 for e in extent), extent
+    assert int((whole != 0).sum()) > 5 * int((x != 0).sum())  # 7292 against 1044 voxels
+    # the marker is inside the crop, centred, and still the brightest thing in it
+    hot = (x >= x.max() - 1e-3).nonzero().float().mean(0)
+    assert torch.all((hot - 19.5).abs() < 6)
+    # the crop box maps back to the marker's world position
+    src_marker = LPS_AFFINE @ np.array([0.25 * SHAPE[0], 0.3 * SHAPE[1], 0.5 * SHAPE[2], 1.0])
+    np.testing.assert_allclose(_world(roi["affine"], hot.tolist())[:2], src_marker[:2], atol=4.0)
+
+
+def test_roi_mask_is_required_checked_and_only_read_when_configured(tmp_path):
+    t1, mask = _roi_case(tmp_path)
+    roi_organ = toy_organ(crop="roi_mask")
+    with pytest.raises(VolumeError, match=r"crops to a region-of-interest mask \(crop: roi_mask\) and none was given"):
+        preprocess_volumes({"t1": t1}, roi_organ)
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(SHAPE, dtype=np.uint8))
+    with pytest.raises(VolumeError, match=r"roi_mask .*empty\.nii\.gz: the mask is empty"):
+        preprocess_volumes({"t1": t1}, roi_organ, roi_mask=empty)
+    shifted = LPS_AFFINE.copy()
+    shifted[0, 3] += 5.0
+    moved = write_nifti(tmp_path / "moved.nii.gz", nib.load(str(mask)).get_fdata(), shifted)
+    with pytest.raises(VolumeError, match=r"modalities 't1' and 'roi_mask' are not on the same voxel grid"):
+        preprocess_volumes({"t1": t1}, roi_organ, roi_mask=moved)
+    with pytest.raises(VolumeError, match=r"roi_mask .*nowhere\.nii\.gz: file not found"):
+        preprocess_volumes({"t1": t1}, roi_organ, roi_mask=tmp_path / "nowhere.nii.gz")
+    # a foreground-crop organ ignores the mask: the same tensor as without it
+    a = preprocess_volumes({"t1": t1}, toy_organ(), roi_mask=empty)
+    assert torch.equal(a["images"], preprocess_volumes({"t1": t1}, toy_organ())["images"])
+
+
+def test_roi_mask_is_part_of_the_cache_key(tmp_path):
+    """Two masks, two cache entries; each returns exactly what preprocessing computes."""
+    from medmap.data.cache import PreprocessCache
+
+    t1, mask = _roi_case(tmp_path)
+    other = np.zeros(SHAPE, dtype=np.uint8)
+    other[20:30, 20:30, 8:14] = 1
+    other = write_nifti(tmp_path / "other.nii.gz", other)
+    organ = toy_organ(crop="roi_mask")
+    cache = PreprocessCache(tmp_path / "cache")
+    a = preprocess_volumes({"t1": t1}, organ, cache=cache, roi_mask=mask)
+    b = preprocess_volumes({"t1": t1}, organ, cache=cache, roi_mask=other)
+    assert cache.misses == 2 and not torch.equal(a["images"], b["images"])
+    again = preprocess_volumes({"t1": t1}, organ, cache=cache, roi_mask=mask)
+    assert cache.hits == 1 and torch.equal(again["images"], a["images"])
+    assert torch.equal(a["images"], preprocess_volumes({"t1": t1}, organ, roi_mask=mask)["images"])
+
+
+def test_preprocess_study_uses_the_study_roi_mask(tmp_path):
+    study = make_study(tmp_path, "s1", modalities=("t1",))
+    organ = toy_organ(crop="roi_mask")
+    with pytest.raises(VolumeError, match=r"study 's1': organ config 'toy' crops to a region-of-interest mask"):
+        preprocess_study(study, organ)
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[5:15, 5:15, 5:10] = 1
+    study.roi_mask = write_nifti(tmp_path / "s1" / "mask.nii.gz", mask)
+    out = preprocess_study(study, organ)
+    assert torch.equal(out["images"], preprocess_volumes(study.modalities, organ, roi_mask=study.roi_mask)["images"])

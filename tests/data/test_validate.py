@@ -145,3 +145,46 @@ def test_a_builtin_organ_variant_name_is_not_an_organ(tmp_path):
     path = write_list(tmp_path, [study])
     problems = validate_study_list(path, check_files=False)
     assert any("unknown organ 'brain_4mm' (known: brain, liver;" in p.message for p in problems)
+
+
+def test_roi_masks_are_checked(tmp_path):
+    """A study's roi_mask is opened, must mark something and lie on the volumes' grid; an organ
+    config with crop: roi_mask needs one on every study."""
+    from medmap.data.studylist import read_study_list
+    from medmap.data.validate import check_roi_mask
+
+    good = make_study(tmp_path, "good", split="train")
+    inside = np.zeros((40, 36, 20), dtype=np.uint8)
+    inside[5:15, 5:15, 5:10] = 1
+    mask = write_nifti(tmp_path / "good" / "mask.nii.gz", inside)
+    assert check_roi_mask(mask).shape == (40, 36, 20)
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((40, 36, 20), dtype=np.uint8))
+    shifted = LPS_AFFINE.copy()
+    shifted[2, 3] += 9.0
+    write_nifti(tmp_path / "moved.nii.gz", inside, shifted)  # line 3 names it relative to the list
+    row = good.to_json(relative_to=tmp_path)
+    lines = [
+        {**row, "roi_mask": "good/mask.nii.gz"},  # 1: fine
+        {**row, "study_id": "empty", "patient_id": "P2", "roi_mask": str(empty)},  # 2
+        {**row, "study_id": "moved", "patient_id": "P3", "roi_mask": "moved.nii.gz"},  # 3
+        {**row, "study_id": "none", "patient_id": "P4"},  # 4: no mask, the organ crops to one
+        {**row, "study_id": "bad", "patient_id": "P5", "roi_mask": 3},  # 5: not a path
+    ]
+    path = tmp_path / "list.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    by_line = {}
+    for p in validate_study_list(path, [toy_organ(crop="roi_mask")]):
+        by_line.setdefault(p.line, []).append(p.message)
+    assert 1 not in by_line
+    assert any("the mask is empty" in m for m in by_line[2])
+    assert any("modalities 't1' and 'roi_mask' are not on the same voxel grid" in m for m in by_line[3])
+    assert by_line[4] == ["has no 'roi_mask'; organ config 'toy' crops to one (crop: roi_mask)"]
+    assert any("'roi_mask' must be a non-empty string" in m for m in by_line[5])
+    # a foreground-crop organ does not need masks
+    path.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[3]) + "\n")
+    assert validate_study_list(path, [toy_organ()]) == []
+    # the path resolves against the list's folder and survives a write/read round trip
+    study = read_study_list(path)[0]
+    assert study.roi_mask == tmp_path / "good" / "mask.nii.gz"
+    again = write_list(tmp_path / "copy", [study])
+    assert read_study_list(again)[0].roi_mask.resolve() == mask.resolve()

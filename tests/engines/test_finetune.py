@@ -151,6 +151,41 @@ def test_predict_gives_clear_errors(ft_run: Path, data: Path, tmp_path: Path, ca
         load_run(tmp_path)
 
 
+def test_predict_with_an_roi_mask_crop(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run whose organ config crops to a study's roi_mask predicts with --roi-mask (or the
+    --study line's roi_mask), and refuses, clearly, without one."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "roi_run"
+    shutil.copytree(ft_run, run)
+    organ = yaml.safe_load((run / "organ.yaml").read_text())
+    (run / "organ.yaml").write_text(yaml.safe_dump({**organ, "crop": "roi_mask"}))
+    study = data.parent / "s13"
+    t1 = nib.load(study / "t1.nii.gz")
+    inside = np.zeros(t1.shape, dtype=np.uint8)
+    inside[: t1.shape[0] // 2] = 1  # half of the field of view
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(inside, t1.affine), str(mask))
+    vols = [f"t1={study / 't1.nii.gz'}", f"t2={study / 't2.nii.gz'}"]
+    assert main(["predict", str(run), *vols, "--out", str(tmp_path / "p0"), "--no-saliency"]) == 2
+    assert "crops to a region-of-interest mask (crop: roi_mask) and none was given" in capsys.readouterr().err
+    assert main(["predict", str(run), *vols, "--roi-mask", str(mask), "--study-id", "s13",
+                 "--out", str(tmp_path / "p1"), "--no-saliency"]) == 0
+    cli = json.loads((tmp_path / "p1" / "s13_prediction.json").read_text())["probabilities"]
+    line = {"study_id": "s13", "modalities": {"t1": str(study / "t1.nii.gz"), "t2": str(study / "t2.nii.gz")},
+            "roi_mask": str(mask)}
+    (tmp_path / "s13.json").write_text(json.dumps(line))
+    assert main(["predict", str(run), "--study", str(tmp_path / "s13.json"), "--out", str(tmp_path / "p2"),
+                 "--no-saliency"]) == 0
+    assert json.loads((tmp_path / "p2" / "s13_prediction.json").read_text())["probabilities"] == cli
+    api = load_run(run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"}, roi_mask=mask)
+    assert api.probabilities == pytest.approx(cli, abs=1e-5)
+    full = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"})
+    assert full.probabilities != pytest.approx(cli, abs=1e-6)  # the crop changed the input
+
+
 def test_inference_does_not_import_the_training_engines() -> None:
     import subprocess
     import sys

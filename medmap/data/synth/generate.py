@@ -10,7 +10,8 @@ Layout of the output folder::
 
     DIR/studies.jsonl
     DIR/<study_id>/<modality>.nii.gz      one per modality (int16 + scl_slope, gzip, RAS affine)
-    DIR/<study_id>/organ_mask.nii.gz      brain or liver mask (uint8), meta["organ_mask"]
+    DIR/<study_id>/organ_mask.nii.gz      brain or liver mask (uint8), meta["organ_mask"] and the
+                                          study's "roi_mask" (used by configs with crop: roi_mask)
     DIR/<study_id>/lesion_mask.nii.gz     lesion tissue (uint8), meta["lesion_mask"]
 
 Every random draw of a study comes from a generator seeded by ``(seed, organ, index)``, so
@@ -210,5 +211,6 @@ def generate(
             study_id=rec["study_id"], patient_id=rec["patient_id"], organ=rec["organ"],
             modalities={m: out / p for m, p in rec["modalities"].items()}, findings=rec["findings"],
             impression=rec["impression"], label=rec["label"], split=split, meta=rec["meta"],
+            roi_mask=out / rec["meta"]["organ_mask"],  # the organ's mask, for organ configs with crop: roi_mask
         ))
     return write_study_list(studies, out / "studies.jsonl")

@@ -59,6 +59,7 @@ def test_every_class_and_modality_present_with_geometry(synth_dir: Path, organ: 
         assert s.impression
         mask = nib.load(synth_dir / organ / s.meta["organ_mask"])
         assert np.asarray(mask.dataobj).sum() > 0
+        assert s.roi_mask == synth_dir / organ / s.meta["organ_mask"]  # for organ configs with crop: roi_mask
         shape = None
         for m, path in s.modalities.items():
             img = nib.load(path)
@@ -104,6 +105,8 @@ def test_output_validates(synth_dir: Path) -> None:
     for organ in ("liver", "brain"):
         problems = validate_study_list(synth_dir / organ / "studies.jsonl")
         assert not problems, [str(p) for p in problems]
+    problems = validate_study_list(synth_dir / "liver" / "studies.jsonl", ["liver_8mm_roi"])  # needs roi_mask
+    assert not problems, [str(p) for p in problems]
 
 
 def test_splits_are_stratified_and_deterministic() -> None:
