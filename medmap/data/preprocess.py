@@ -15,9 +15,9 @@ dictionary transforms, applied per modality with the modality names as keys:
    study's region-of-interest mask instead (e.g. a liver segmentation, resampled with the
    volumes), plus the same margin: a liver fills a few percent of an abdominal field of
    view and a few-voxel lesion is lost in it;
-5. MRI intensity normalisation, per modality: clip to the 0.5th/99.5th percentiles of the
-   foreground, z-score with the foreground's mean and standard deviation, zero outside the
-   foreground. Never a CT window;
+5. MRI intensity normalisation, per modality: z-score with the mean and standard deviation
+   of the foreground voxels between its 0.5th and 99.5th percentiles, clip to +-``Z_CLIP``,
+   zero outside the foreground. Never a CT window;
 6. pad or crop to the organ's ROI (``ResizeWithPadOrCropd``, centred, zero padding);
 7. stack in the organ's modality order; a missing modality is an all-zero channel with
    ``present = False`` and is never read. Values are rounded to float16 precision (relative
