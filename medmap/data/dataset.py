@@ -42,7 +42,9 @@ class StudyDataset(Dataset):
     ``findings`` (list of M strings, ``""`` for a missing modality) and ``impression``.
 
     Raises:
-        StudyListError: a study of another organ, or a label not among the organ's classes.
+        StudyListError: a study of another organ, a label not among the organ's classes, or
+            (for an organ config with ``crop: roi_mask``) a study without a ``roi_mask``, so
+            that a run stops before training rather than at the first such study.
     """
 
     def __init__(
@@ -63,6 +65,14 @@ class StudyDataset(Dataset):
                 raise StudyListError(
                     f"study '{s.study_id}': unknown label '{s.label}' for organ '{self.organ.name}' "
                     f"(classes: {', '.join(self.organ.classes)})"
+                )
+        if self.organ.crop == "roi_mask":
+            lacking = [s.study_id for s in self.studies if s.roi_mask is None]
+            if lacking:
+                raise StudyListError(
+                    f"{len(lacking)} {self.organ.name} studies have no 'roi_mask' (e.g. {', '.join(lacking[:3])}), "
+                    f"but the organ config crops to one (crop: roi_mask); add each study's organ mask as "
+                    "'roi_mask' to the study list, or use an organ config without crop: roi_mask"
                 )
 
     def __len__(self) -> int:

@@ -49,3 +49,10 @@ def test_rejects_other_organs_and_unknown_labels(tmp_path):
     a = {"organ": "toy", "images": torch.zeros(1), "present": [True], "label": 0, "affine": torch.eye(4), "study_id": "a", "findings": [""], "impression": ""}
     with pytest.raises(StudyListError, match="single organ"):
         collate_studies([a, {**a, "organ": "brain"}])
+
+
+def test_an_roi_crop_organ_needs_every_roi_mask_up_front(tmp_path):
+    studies = [make_study(tmp_path, f"s{i}", seed=i) for i in range(3)]
+    with pytest.raises(StudyListError, match=r"3 toy studies have no 'roi_mask' \(e.g. s0, s1, s2\)"):
+        StudyDataset(studies, toy_organ(crop="roi_mask"))
+    assert len(StudyDataset(studies, toy_organ())) == 3
