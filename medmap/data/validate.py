@@ -291,6 +291,8 @@ def validate_study_list(
             n_known = len([m for m in study.modalities if m in organ.modalities])
             if n_known < organ.min_modalities:
                 report(f"has {n_known} usable modalities; organ '{organ.name}' needs at least {organ.min_modalities}")
+            if organ.crop == "roi_mask" and study.roi_mask is None:
+                report(f"has no 'roi_mask'; the organ config given for '{organ.name}' crops to one (crop: roi_mask)")
 
         if not check_files:
             continue
@@ -315,8 +317,6 @@ def validate_study_list(
                     grids["roi_mask"] = (tuple(mask.shape), np.asarray(mask.affine, np.float64))
             except VolumeError as e:
                 report(str(e))
-        elif organ is not None and organ.crop == "roi_mask":
-            report(f"has no 'roi_mask'; organ config '{organ.name}' crops to one (crop: roi_mask)")
         try:
             check_same_grid(grids)
         except VolumeError as e:

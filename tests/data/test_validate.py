@@ -178,8 +178,10 @@ def test_roi_masks_are_checked(tmp_path):
     assert 1 not in by_line
     assert any("the mask is empty" in m for m in by_line[2])
     assert any("modalities 't1' and 'roi_mask' are not on the same voxel grid" in m for m in by_line[3])
-    assert by_line[4] == ["has no 'roi_mask'; organ config 'toy' crops to one (crop: roi_mask)"]
+    assert by_line[4] == ["has no 'roi_mask'; the organ config given for 'toy' crops to one (crop: roi_mask)"]
     assert any("'roi_mask' must be a non-empty string" in m for m in by_line[5])
+    lacking = [p for p in validate_study_list(path, [toy_organ(crop="roi_mask")], check_files=False) if p.line == 4]
+    assert [p.message for p in lacking] == by_line[4]  # a structural problem: reported without opening files
     # a foreground-crop organ does not need masks
     path.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[3]) + "\n")
     assert validate_study_list(path, [toy_organ()]) == []
