@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medmap.config import resolve_run_config
+from medmap.config import load_organ_config, resolve_run_config
 from medmap.errors import ConfigError
 
 
@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="study list (JSON Lines)")
     p.add_argument("--organ", default=None, help="organ config name or YAML path (default: the config's 'organ')")
-    p.add_argument("--config", default=None, help="built-in finetune config name or YAML path (default: the organ's name)")
+    p.add_argument("--config", default=None, help="built-in finetune config name or YAML path (default: the organ config's task name, "
+                   "e.g. liver for liver_8mm_roi)")
     p.add_argument("--init", type=Path, default=None, help="stage-1 run folder (or .safetensors) to initialise the encoders")
     p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from medmap.engines.finetune import run_finetuning
 
-    name = args.config or (Path(args.organ).stem if args.organ else None)
+    # default config: the organ's task name, so that a variant (liver_8mm_roi, brain_4mm) picks liver / brain
+    name = args.config or (load_organ_config(args.organ).name if args.organ else None)
     if name is None and not args.resume:
         raise ConfigError("give --organ or --config")
     cfg = resolve_run_config(name or "", "finetune", args.overrides, args.out, args.resume)
