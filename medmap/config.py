@@ -49,6 +49,9 @@ class OrganConfig:
             ``foreground`` (the body, found by intensity; the default) or ``roi_mask`` (the
             bounding box of each study's ``roi_mask``, e.g. a liver segmentation, so that a
             small organ fills the input instead of a few percent of it).
+        zero_outside_roi: with ``crop: roi_mask`` only: z-score each volume over the ROI mask
+            instead of the body and set every voxel outside the mask to 0, so the encoder sees
+            the organ and nothing around it.
     """
 
     name: str
@@ -61,6 +64,7 @@ class OrganConfig:
     min_modalities: int = 1
     description: str = ""
     crop: str = "foreground"
+    zero_outside_roi: bool = False
 
     def __post_init__(self) -> None:
         where = f"organ config '{self.name}'"
@@ -89,6 +93,10 @@ class OrganConfig:
             raise ConfigError(f"{where}: {sorted(reserved)} cannot name a modality (preprocessing uses them)")
         if self.crop not in CROPS:
             raise ConfigError(f"{where}: 'crop' must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if not isinstance(self.zero_outside_roi, bool):
+            raise ConfigError(f"{where}: 'zero_outside_roi' must be true or false, got {self.zero_outside_roi!r}")
+        if self.zero_outside_roi and self.crop != "roi_mask":
+            raise ConfigError(f"{where}: 'zero_outside_roi: true' needs 'crop: roi_mask' (it masks with the study's roi_mask)")
 
     @property
     def num_classes(self) -> int:
@@ -128,6 +136,7 @@ class OrganConfig:
             min_modalities=int(d.get("min_modalities", 1)),
             description=str(d.get("description", "")),
             crop=str(d.get("crop", "foreground")),
+            zero_outside_roi=d.get("zero_outside_roi", False),
         )
 
 

@@ -39,3 +39,17 @@ def test_crop_is_foreground_unless_set_and_is_checked() -> None:
         OrganConfig.from_dict({**base, "crop": "liver"})
     with pytest.raises(ConfigError, match=r"\['roi_mask'\] cannot name a modality"):
         OrganConfig.from_dict({**base, "modalities": ["t2wi", "roi_mask"], "modality_descriptors": {}})
+
+
+def test_zero_outside_roi_needs_the_roi_mask_crop() -> None:
+    from medmap.config import OrganConfig
+
+    masked = load_organ_config("liver_8mm_masked")
+    assert masked.zero_outside_roi and masked.crop == "roi_mask" and masked.roi_size == (40, 32, 24)
+    assert OrganConfig.from_dict(masked.to_dict()) == masked
+    assert not load_organ_config("liver_8mm_roi").zero_outside_roi
+    base = load_organ_config("liver").to_dict()
+    with pytest.raises(ConfigError, match=r"'zero_outside_roi: true' needs 'crop: roi_mask'"):
+        OrganConfig.from_dict({**base, "zero_outside_roi": True})
+    with pytest.raises(ConfigError, match=r"'zero_outside_roi' must be true or false, got 'yes'"):
+        OrganConfig.from_dict({**base, "crop": "roi_mask", "zero_outside_roi": "yes"})

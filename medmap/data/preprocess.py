@@ -17,7 +17,9 @@ dictionary transforms, applied per modality with the modality names as keys:
    view and a few-voxel lesion is lost in it;
 5. MRI intensity normalisation, per modality: z-score with the mean and standard deviation
    of the foreground voxels between its 0.5th and 99.5th percentiles, clip to +-``Z_CLIP``,
-   zero outside the foreground. Never a CT window;
+   zero outside the foreground. Never a CT window. With ``zero_outside_roi: true`` (and
+   ``crop: roi_mask``) the ROI mask takes the foreground's place here: statistics over the
+   organ, zero outside it;
 6. pad or crop to the organ's ROI (``ResizeWithPadOrCropd``, centred, zero padding);
 7. stack in the organ's modality order; a missing modality is an all-zero channel with
    ``present = False`` and is never read. Values are rounded to float16 precision (relative
@@ -89,6 +91,8 @@ def preprocessing_signature(organ: OrganConfig) -> dict[str, Any]:
     }
     if organ.crop != "foreground":  # only when set, so that foreground-crop cache keys stay as they were
         signature["crop"] = organ.crop
+    if organ.zero_outside_roi:  # likewise
+        signature["zero_outside_roi"] = True
     return signature
 
 
@@ -192,7 +196,8 @@ def build_preprocessing(organ: OrganConfig) -> Compose:
                 start_coord_key=None,
                 end_coord_key=None,
             ),
-            RobustZScoreNormalized(keys),
+            # z-score over the body, or over the ROI mask when only the organ is kept
+            RobustZScoreNormalized(keys, mask_key=ROI_KEY if organ.zero_outside_roi else FOREGROUND_KEY),
             ResizeWithPadOrCropd(keys, spatial_size=tuple(organ.roi_size), mode="constant", allow_missing_keys=True),
         ]
     )

@@ -164,6 +164,31 @@ def test_roi_mask_crop_fills_the_input_with_the_organ(tmp_path):
     np.testing.assert_allclose(_world(roi["affine"], hot.tolist())[:2], src_marker[:2], atol=4.0)
 
 
+def test_zero_outside_roi_keeps_only_the_organ(tmp_path):
+    """zero_outside_roi: the same crop, but z-scored over the mask and 0 outside it."""
+    t1, mask = _roi_case(tmp_path)
+    kept = preprocess_volumes({"t1": t1}, toy_organ(roi_size=(40, 40, 40), crop="roi_mask"), roi_mask=mask)
+    organ = toy_organ(roi_size=(40, 40, 40), crop="roi_mask", zero_outside_roi=True)
+    only = preprocess_volumes({"t1": t1}, organ, roi_mask=mask)
+    x, y = only["images"][0], kept["images"][0]
+    assert torch.equal(only["affine"], kept["affine"])  # same crop box
+    # the 2-voxel margin around the mask is now 0; what is left lies inside the cropped mask
+    assert 0 < int((x != 0).sum()) < int((y != 0).sum())
+    nonzero = (x != 0).nonzero()
+    extent = (nonzero.max(0).values - nonzero.min(0).values + 1).tolist()
+    assert all(e <= 10 for e in extent), extent  # the mask's ~8 x 8 x 9 voxels (+1 for partial ones)
+    # z-scored over the organ: zero mean, unit spread inside it (before the +-clip), unlike the body's z-score
+    inside = x[x != 0]
+    assert abs(float(inside.mean())) < 0.2 and 0.7 < float(inside.std()) < 1.3
+    # the marker is still the brightest voxel, at the same place
+    assert torch.equal((x >= x.max() - 1e-3).nonzero(), (y >= y.max() - 1e-3).nonzero())
+    # a different preprocessing, so a different cache entry
+    from medmap.data.preprocess import preprocessing_signature
+
+    assert preprocessing_signature(organ) != preprocessing_signature(toy_organ(roi_size=(40, 40, 40), crop="roi_mask"))
+    assert "zero_outside_roi" not in preprocessing_signature(toy_organ())
+
+
 def test_roi_mask_is_required_checked_and_only_read_when_configured(tmp_path):
     t1, mask = _roi_case(tmp_path)
     roi_organ = toy_organ(crop="roi_mask")
