@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmap.data.preprocess import preprocess_study, preprocess_volumes
+from medmap.data.preprocess import preprocess_study, preprocess_volumes, preprocessing_signature
 from medmap.errors import StudyListError, VolumeError
 from tests.data.helpers import LPS_AFFINE, SHAPE, head_volume, make_study, toy_organ, write_nifti
 
@@ -183,8 +183,6 @@ def test_zero_outside_roi_keeps_only_the_organ(tmp_path):
     # the marker is still the brightest voxel, at the same place
     assert torch.equal((x >= x.max() - 1e-3).nonzero(), (y >= y.max() - 1e-3).nonzero())
     # a different preprocessing, so a different cache entry
-    from medmap.data.preprocess import preprocessing_signature
-
     assert preprocessing_signature(organ) != preprocessing_signature(toy_organ(roi_size=(40, 40, 40), crop="roi_mask"))
     assert "zero_outside_roi" not in preprocessing_signature(toy_organ())
 
