@@ -28,7 +28,11 @@ CONFIG_ROOT = Path(str(resources.files("medmap") / "configs"))
 
 
 #: Field-of-view crops of preprocessing (``OrganConfig.crop``).
-CROPS = ("foreground", "roi_mask")
+CROPS = ("foreground", "roi_mask", "lesion_box", "patch")
+#: Crops that cut each modality around a lesion (each modality may have its own grid).
+LESION_CROPS = ("lesion_box", "patch")
+#: Normalisations of lesion patches (``OrganConfig.patch_norm``); see medmap.data.lesion.
+PATCH_NORMS = ("context", "zscore")
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,16 @@ class OrganConfig:
         min_modalities: a study with fewer present modalities is rejected.
         description: free text.
         crop: how preprocessing picks the field of view before padding to ``roi_size``:
-            ``foreground`` (the body, found by intensity; the default) or ``roi_mask`` (the
+            ``foreground`` (the body, found by intensity; the default), ``roi_mask`` (the
             bounding box of each study's ``roi_mask``, e.g. a liver segmentation, so that a
-            small organ fills the input instead of a few percent of it).
+            small organ fills the input instead of a few percent of it), ``lesion_box``
+            (each modality cut around its own ``lesion_box`` plus ``margin_mm`` and resampled
+            to ``roi_size``; modalities may lie on different grids; ``spacing`` is unused) or
+            ``patch`` (each file is already a lesion patch, resampled whole to ``roi_size``).
+        margin_mm: lesion crops only: context kept around the box on each side (RAS x, y, z);
+            for ``patch``, the width of the file's outer shell that is context.
+        patch_norm: lesion crops only: ``context`` (divide by the median of the tissue around
+            the box, minus 1) or ``zscore`` (robust z-score over the patch).
         zero_outside_roi: with ``crop: roi_mask`` only: z-score each volume over the ROI mask
             instead of the body and set every voxel outside the mask to 0, so the encoder sees
             the organ and nothing around it.
@@ -65,6 +76,8 @@ class OrganConfig:
     description: str = ""
     crop: str = "foreground"
     zero_outside_roi: bool = False
+    margin_mm: tuple[float, float, float] = (10.0, 10.0, 10.0)
+    patch_norm: str = "context"
 
     def __post_init__(self) -> None:
         where = f"organ config '{self.name}'"
@@ -97,6 +110,15 @@ class OrganConfig:
             raise ConfigError(f"{where}: 'zero_outside_roi' must be true or false, got {self.zero_outside_roi!r}")
         if self.zero_outside_roi and self.crop != "roi_mask":
             raise ConfigError(f"{where}: 'zero_outside_roi: true' needs 'crop: roi_mask' (it masks with the study's roi_mask)")
+        if len(self.margin_mm) != 3 or any(float(m) < 0 for m in self.margin_mm):
+            raise ConfigError(f"{where}: 'margin_mm' must be three non-negative numbers, got {list(self.margin_mm)}")
+        if self.patch_norm not in PATCH_NORMS:
+            raise ConfigError(f"{where}: 'patch_norm' must be one of {', '.join(PATCH_NORMS)}, got {self.patch_norm!r}")
+
+    @property
+    def lesion_level(self) -> bool:
+        """True when preprocessing cuts each modality around a lesion (``crop: lesion_box`` or ``patch``)."""
+        return self.crop in LESION_CROPS
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +135,7 @@ class OrganConfig:
         d = asdict(self)
         d["spacing"] = list(self.spacing)
         d["roi_size"] = list(self.roi_size)
+        d["margin_mm"] = list(self.margin_mm)
         return d
 
     @classmethod
@@ -137,7 +160,19 @@ class OrganConfig:
             description=str(d.get("description", "")),
             crop=str(d.get("crop", "foreground")),
             zero_outside_roi=d.get("zero_outside_roi", False),
+            margin_mm=_three_floats(d.get("margin_mm", (10.0, 10.0, 10.0)), d.get("name"), "margin_mm"),
+            patch_norm=str(d.get("patch_norm", "context")),
         )
+
+
+def _three_floats(value: Any, name: Any, key: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"organ config '{name}': '{key}' must be three numbers, got {value!r}") from None
+    if len(out) != 3:
+        raise ConfigError(f"organ config '{name}': '{key}' must be three numbers, got {value!r}")
+    return out  # type: ignore[return-value]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -35,10 +35,25 @@ def test_crop_is_foreground_unless_set_and_is_checked() -> None:
     assert roi.crop == "roi_mask" and roi.name == "liver" and roi.spacing == (8.0, 8.0, 10.0)
     assert OrganConfig.from_dict(roi.to_dict()) == roi  # saved with a run, read back by medmap predict
     base = load_organ_config("liver").to_dict()
-    with pytest.raises(ConfigError, match=r"'crop' must be one of foreground, roi_mask, got 'liver'"):
+    with pytest.raises(ConfigError, match=r"'crop' must be one of foreground, roi_mask, lesion_box, patch, got 'liver'"):
         OrganConfig.from_dict({**base, "crop": "liver"})
     with pytest.raises(ConfigError, match=r"\['roi_mask'\] cannot name a modality"):
         OrganConfig.from_dict({**base, "modalities": ["t2wi", "roi_mask"], "modality_descriptors": {}})
+
+
+def test_the_built_in_liver_task_is_lesion_level() -> None:
+    from medmap.config import OrganConfig
+
+    liver = load_organ_config("liver")
+    assert liver.crop == "lesion_box" and liver.lesion_level and liver.patch_norm == "context"
+    assert liver.margin_mm == (10.0, 10.0, 10.0) and liver.roi_size == (24, 24, 16)
+    assert OrganConfig.from_dict(liver.to_dict()) == liver
+    whole = load_organ_config("liver_whole")
+    assert whole.name == "liver" and whole.crop == "foreground" and not whole.lesion_level
+    with pytest.raises(ConfigError, match="'patch_norm' must be one of context, zscore"):
+        OrganConfig.from_dict({**liver.to_dict(), "patch_norm": "ct_window"})
+    with pytest.raises(ConfigError, match="'margin_mm' must be three"):
+        OrganConfig.from_dict({**liver.to_dict(), "margin_mm": [1, 2]})
 
 
 def test_zero_outside_roi_needs_the_roi_mask_crop() -> None:

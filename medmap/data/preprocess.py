@@ -21,7 +21,11 @@ dictionary transforms, applied per modality with the modality names as keys:
    ``crop: roi_mask``) the ROI mask takes the foreground's place here: statistics over the
    organ, zero outside it;
 6. pad or crop to the organ's ROI (``ResizeWithPadOrCropd``, centred, zero padding);
-7. stack in the organ's modality order; a missing modality is an all-zero channel with
+7. (lesion-level organ configs, ``crop: lesion_box`` or ``patch``, replace steps 1-6) each
+   modality is cut around its own lesion box with a context margin, resampled to
+   ``roi_size`` and normalised against the tissue around the lesion
+   (:func:`medmap.data.lesion.cut_lesion_patch`); modalities may lie on different grids;
+8. stack in the organ's modality order; a missing modality is an all-zero channel with
    ``present = False`` and is never read. Values are rounded to float16 precision (relative
    error <= 2**-11, about 0.005 at z = 10) so that the on-disk cache, which stores float16,
    returns exactly the tensor computed here.
@@ -54,7 +58,8 @@ from monai.transforms import (
 from scipy import ndimage
 
 from medmap.config import OrganConfig, load_organ_config
-from medmap.data.studylist import Study
+from medmap.data.lesion import cut_lesion_patch, patch_box
+from medmap.data.studylist import LesionBox, Study
 from medmap.data.validate import check_roi_mask, check_same_grid, check_volume
 from medmap.errors import StudyListError, VolumeError
 
@@ -93,6 +98,11 @@ def preprocessing_signature(organ: OrganConfig) -> dict[str, Any]:
         signature["crop"] = organ.crop
     if organ.zero_outside_roi:  # likewise
         signature["zero_outside_roi"] = True
+    if organ.lesion_level:
+        signature.update(margin_mm=[float(m) for m in organ.margin_mm], patch_norm=organ.patch_norm,
+                         lesion_version="1")
+        for key in ("spacing", "clip_percentiles", "foreground_fraction", "crop_margin"):
+            signature.pop(key)
     return signature
 
 
@@ -256,11 +266,43 @@ def _compute(paths: Mapping[str, Path], organ: OrganConfig, roi_mask: Path | Non
     return {"images": images, "present": present, "affine": affine}
 
 
+def _compute_lesion(paths: Mapping[str, Path], organ: OrganConfig, lesion_box: LesionBox | None) -> dict[str, torch.Tensor]:
+    """Lesion-level preprocessing: each modality cut around its own box (medmap.data.lesion)."""
+    roi = tuple(int(s) for s in organ.roi_size)
+    images = torch.zeros((len(organ.modalities), *roi), dtype=torch.float32)
+    present = torch.zeros(len(organ.modalities), dtype=torch.bool)
+    affine: np.ndarray | None = None
+    for i, modality in enumerate(organ.modalities):
+        if modality not in paths:
+            continue
+        img = check_volume(paths[modality])
+        space, box = "voxel", lesion_box.for_modality(modality) if lesion_box is not None else None
+        if lesion_box is not None and box is not None:
+            space = lesion_box.space
+        elif organ.crop == "patch":
+            box = patch_box(img.shape, img.affine, organ.margin_mm)
+        else:
+            raise VolumeError(f"{paths[modality]}: no lesion box for modality '{modality}' (organ config '{organ.name}' "
+                              "cuts each modality around its own box: add it to 'lesion_box.boxes')")
+        try:
+            cut = cut_lesion_patch(img, box, space, organ.margin_mm, roi, organ.patch_norm)
+        except VolumeError as e:
+            raise VolumeError(f"{paths[modality]}: {e}") from e
+        images[i] = torch.from_numpy(cut.image)
+        present[i] = True
+        if affine is None:
+            affine = cut.affine
+    assert affine is not None
+    images = images.to(torch.float16).to(torch.float32)  # the cache stores float16
+    return {"images": images, "present": present, "affine": torch.from_numpy(affine)}
+
+
 def preprocess_volumes(
     paths: Mapping[str, str | Path],
     organ: OrganConfig | str | Path,
     cache: PreprocessCache | None = None,
     roi_mask: str | Path | None = None,
+    lesion_box: LesionBox | None = None,
 ) -> dict[str, torch.Tensor]:
     """Preprocess the volumes of one study, given as modality -> NIfTI path (prediction entry).
 
@@ -270,6 +312,8 @@ def preprocess_volumes(
         cache: optional :class:`~medmap.data.cache.PreprocessCache`.
         roi_mask: the study's region-of-interest mask (NIfTI on the volumes' grid); required
             by, and only read for, organ configs with ``crop: roi_mask``.
+        lesion_box: the lesion's box (per modality or for the study); required by organ
+            configs with ``crop: lesion_box``, optional with ``crop: patch``, ignored otherwise.
 
     Returns:
         ``{"images": float32 [M, X, Y, Z], "present": bool [M], "affine": float64 [4, 4]}``,
@@ -284,6 +328,16 @@ def preprocess_volumes(
     organ = load_organ_config(organ)
     files = {str(m): Path(p) for m, p in paths.items()}
     _check_modalities(files, organ)
+    if organ.lesion_level:
+        if organ.crop == "lesion_box" and lesion_box is None:
+            raise VolumeError(
+                f"organ config '{organ.name}' cuts each modality around the lesion (crop: lesion_box) and no box was "
+                "given: add 'lesion_box' to the study list line, or pass --lesion-box to medmap predict"
+            )
+        if cache is None:
+            return _compute_lesion(files, organ, lesion_box)
+        signature = {**preprocessing_signature(organ), "lesion_box": None if lesion_box is None else lesion_box.to_json()}
+        return cache.get_or_compute(files, signature, lambda: _compute_lesion(files, organ, lesion_box))
     mask: Path | None = None
     if organ.crop == "roi_mask":
         if roi_mask is None:
@@ -312,6 +366,7 @@ def preprocess_study(
     if study.organ != organ.name:
         raise StudyListError(f"study '{study.study_id}' is a {study.organ} study, not {organ.name}")
     try:
-        return preprocess_volumes(study.modalities, organ, cache=cache, roi_mask=study.roi_mask)
+        return preprocess_volumes(study.modalities, organ, cache=cache, roi_mask=study.roi_mask,
+                                  lesion_box=study.lesion_box)
     except VolumeError as e:
         raise VolumeError(f"study '{study.study_id}': {e}") from e

@@ -9,10 +9,21 @@ Each line is a JSON object::
      "label": "cyst", "split": "train", "meta": {"...": "anything, e.g. ground truth"}}
 
 ``study_id``, ``patient_id``, ``organ`` and ``modalities`` are required; ``findings``,
-``impression``, ``label``, ``split``, ``roi_mask`` and ``meta`` are optional. ``roi_mask`` is
-a NIfTI mask on the volumes' grid (non-zero = the organ, e.g. a liver segmentation); organ
-configs with ``crop: roi_mask`` crop the field of view to it. Relative paths resolve
-against the folder that holds the list. Reading checks structure only; ``medmap validate``
+``impression``, ``label``, ``split``, ``roi_mask``, ``lesion_box`` and ``meta`` are optional.
+``roi_mask`` is a NIfTI mask on the volumes' grid (non-zero = the organ, e.g. a liver
+segmentation); organ configs with ``crop: roi_mask`` crop the field of view to it.
+``lesion_box`` is the box around the lesion to classify, either one per modality (each
+series on its own voxel grid, as real multi-phase liver data comes) or one for the whole
+study, in the voxel indices of each modality's file or in world (RAS) millimetres::
+
+    "lesion_box": {"space": "voxel", "boxes": {"t2wi": [x0, y0, z0, x1, y1, z1], "dwi": [...]}}
+    "lesion_box": {"space": "world", "box": [x0, y0, z0, x1, y1, z1]}
+
+Voxel boxes are inclusive index ranges along the file's array axes (``x1`` is the last
+voxel inside the box, as in LLD-MMRI's annotation file); world boxes are corner
+coordinates in mm. Organ configs with ``crop: lesion_box`` cut each modality around its own
+box (:mod:`medmap.data.lesion`). Relative paths resolve against the folder that holds the
+list. Reading checks structure only; ``medmap validate``
 (:mod:`medmap.data.validate`) also opens every file.
 
 Example:
@@ -25,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +47,83 @@ from medmap.utils import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("study_id", "patient_id", "organ", "modalities")
-OPTIONAL_KEYS = ("findings", "impression", "label", "split", "roi_mask", "meta")
+OPTIONAL_KEYS = ("findings", "impression", "label", "split", "roi_mask", "lesion_box", "meta")
+#: Coordinate spaces of a lesion box: voxel indices of each modality's file, or world (RAS) mm.
+BOX_SPACES = ("voxel", "world")
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """Where the lesion to classify is: one box per modality, or one for the whole study.
+
+    Attributes:
+        space: ``voxel`` (inclusive index ranges along each file's array axes) or ``world``
+            (corner coordinates in RAS millimetres).
+        boxes: modality -> ``(x0, y0, z0, x1, y1, z1)``; empty when ``box`` is given.
+        box: one box for every modality, or ``None`` when ``boxes`` is given.
+
+    Example:
+        >>> b = LesionBox.from_json({"space": "voxel", "box": [10, 12, 3, 20, 22, 8]}, "here")
+        >>> b.for_modality("t2wi")
+        (10.0, 12.0, 3.0, 20.0, 22.0, 8.0)
+    """
+
+    space: str
+    boxes: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    box: tuple[float, ...] | None = None
+
+    def for_modality(self, modality: str) -> tuple[float, ...] | None:
+        """The box of ``modality`` (the study's box when one box covers all), or ``None``."""
+        return self.box if self.box is not None else self.boxes.get(modality)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.box is not None:
+            return {"space": self.space, "box": _plain(self.box)}
+        return {"space": self.space, "boxes": {m: _plain(b) for m, b in self.boxes.items()}}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "LesionBox":
+        """Parse the study-list form; raises :class:`StudyListError` naming ``where``."""
+        if not isinstance(obj, dict):
+            raise StudyListError(f"{where}: 'lesion_box' must be an object with 'space' and 'box' or 'boxes'")
+        unknown = set(obj) - {"space", "box", "boxes"}
+        if unknown:
+            raise StudyListError(f"{where}: 'lesion_box' has unknown key(s) {', '.join(sorted(unknown))} "
+                                 "(expected space, and box or boxes)")
+        space = obj.get("space")
+        if space not in BOX_SPACES:
+            raise StudyListError(f"{where}: 'lesion_box.space' must be one of {', '.join(BOX_SPACES)}, got {space!r}")
+        if ("box" in obj) == ("boxes" in obj):
+            raise StudyListError(f"{where}: 'lesion_box' needs exactly one of 'box' (whole study) or 'boxes' (per modality)")
+        if "box" in obj:
+            return cls(space=space, box=parse_box(obj["box"], f"{where}: 'lesion_box.box'"))
+        boxes = obj["boxes"]
+        if not isinstance(boxes, dict) or not boxes:
+            raise StudyListError(f"{where}: 'lesion_box.boxes' must be a non-empty object of modality -> box")
+        return cls(space=space, boxes={str(m): parse_box(b, f"{where}: 'lesion_box.boxes.{m}'") for m, b in boxes.items()})
+
+
+def parse_box(value: Any, where: str) -> tuple[float, ...]:
+    """Six finite numbers ``x0, y0, z0, x1, y1, z1`` with ``x0 <= x1`` etc., or a :class:`StudyListError`.
+
+    >>> parse_box("1,2,3,4,5,6", "here")
+    (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    """
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise StudyListError(f"{where} must be six numbers x0, y0, z0, x1, y1, z1, got {value!r}") from None
+    if len(box) != 6 or not all(math.isfinite(v) for v in box):
+        raise StudyListError(f"{where} must be six finite numbers x0, y0, z0, x1, y1, z1, got {list(value)!r}")
+    if any(box[i] > box[i + 3] for i in range(3)):
+        raise StudyListError(f"{where}: each minimum must not exceed its maximum, got {list(box)}")
+    return box
+
+
+def _plain(box: tuple[float, ...]) -> list[float | int]:
+    return [int(v) if float(v).is_integer() else float(v) for v in box]
 
 
 @dataclass
@@ -54,6 +142,8 @@ class Study:
         meta: free-form extra data (e.g. the synthetic generator's ground truth).
         roi_mask: absolute path of a region-of-interest mask on the volumes' grid (an organ
             segmentation), or ``None``. Used by organ configs with ``crop: roi_mask``.
+        lesion_box: the lesion's box (:class:`LesionBox`), or ``None``. Used by organ configs
+            with ``crop: lesion_box``.
     """
 
     study_id: str
@@ -66,6 +156,7 @@ class Study:
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     roi_mask: Path | None = None
+    lesion_box: LesionBox | None = None
 
     def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
         """A JSON-ready dict; paths are written relative to ``relative_to`` when inside it."""
@@ -93,6 +184,8 @@ class Study:
             d["split"] = self.split
         if self.roi_mask is not None:
             d["roi_mask"] = rel(self.roi_mask)
+        if self.lesion_box is not None:
+            d["lesion_box"] = self.lesion_box.to_json()
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -125,6 +218,12 @@ def _parse_line(obj: Any, where: str, base: Path) -> Study:
     roi_mask = obj.get("roi_mask")
     if roi_mask is not None and (not isinstance(roi_mask, str) or not roi_mask):
         raise StudyListError(f"{where}: 'roi_mask' must be a non-empty string (a NIfTI mask path) or null")
+    lesion_box = obj.get("lesion_box")
+    if lesion_box is not None:
+        lesion_box = LesionBox.from_json(lesion_box, where)
+        unknown_box = sorted(set(lesion_box.boxes) - set(paths))
+        if unknown_box:
+            raise StudyListError(f"{where}: 'lesion_box.boxes' names modalities the study does not list: {', '.join(unknown_box)}")
     findings = obj.get("findings") or {}
     if not isinstance(findings, dict) or not all(isinstance(v, str) for v in findings.values()):
         raise StudyListError(f"{where}: 'findings' must be an object of modality -> text")
@@ -151,6 +250,7 @@ def _parse_line(obj: Any, where: str, base: Path) -> Study:
         split=split,
         meta=meta,
         roi_mask=None if roi_mask is None else resolve(roi_mask),
+        lesion_box=lesion_box,
     )
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from medmap.config import OrganConfig, load_organ_config
 from medmap.errors import ConfigError, StudyListError, VolumeError
+from medmap.data.lesion import check_box
 from medmap.data.studylist import Study, iter_study_lines
 
 #: Grids of two modalities "coincide" when their voxel corners are this many voxels apart at most.
@@ -217,9 +218,11 @@ def validate_study_list(
     Checked per line: valid JSON with the study-list structure, unique ``study_id``, a known
     organ, modalities and label known to the organ config, at least ``min_modalities``
     modalities, every volume usable (:func:`check_volume`), a usable ``roi_mask``
-    (:func:`check_roi_mask`; required when the organ config has ``crop: roi_mask``) and all
-    volumes and the mask of the study on one voxel grid (:func:`check_same_grid`). Across
-    lines: no patient in two splits.
+    (:func:`check_roi_mask`; required when the organ config has ``crop: roi_mask``), all
+    volumes and the mask of the study on one voxel grid (:func:`check_same_grid`; not for
+    lesion-level studies, whose modalities are cut around their own boxes), and a lesion box
+    for every modality that lies inside its volume with a positive size (required when the
+    organ config has ``crop: lesion_box``). Across lines: no patient in two splits.
 
     Args:
         path: the ``.jsonl`` study list.
@@ -293,6 +296,14 @@ def validate_study_list(
                 report(f"has {n_known} usable modalities; organ '{organ.name}' needs at least {organ.min_modalities}")
             if organ.crop == "roi_mask" and study.roi_mask is None:
                 report(f"has no 'roi_mask'; the organ config given for '{organ.name}' crops to one (crop: roi_mask)")
+            if organ.crop == "lesion_box" and study.lesion_box is None:
+                report(f"has no 'lesion_box'; the organ config given for '{organ.name}' cuts each modality around "
+                       "the lesion (crop: lesion_box)")
+        if study.lesion_box is not None and study.lesion_box.box is None:
+            uncovered = [m for m in study.modalities if m not in study.lesion_box.boxes]
+            if uncovered:
+                report(f"'lesion_box.boxes' has no box for modality {', '.join(repr(m) for m in uncovered)}; "
+                       "give every modality its box (or one 'box' for the whole study)")
 
         if not check_files:
             continue
@@ -310,6 +321,12 @@ def validate_study_list(
                 report(f"modality '{modality}': {result}")
             else:
                 grids[modality] = result
+                box = study.lesion_box.for_modality(modality) if study.lesion_box is not None else None
+                if box is not None:
+                    try:
+                        check_box(box, study.lesion_box.space, result[0], result[1])
+                    except VolumeError as e:
+                        report(f"modality '{modality}': {file}: {e}")
         if study.roi_mask is not None:
             try:
                 mask = check_roi_mask(study.roi_mask)
@@ -317,8 +334,11 @@ def validate_study_list(
                     grids["roi_mask"] = (tuple(mask.shape), np.asarray(mask.affine, np.float64))
             except VolumeError as e:
                 report(str(e))
+        # lesion-level input cuts each modality around its own box: the grids may differ
+        lesion_level = study.lesion_box is not None or (organ is not None and organ.lesion_level)
         try:
-            check_same_grid(grids)
+            if not lesion_level:
+                check_same_grid(grids)
         except VolumeError as e:
             report(str(e))
 
