@@ -156,6 +156,10 @@ class GeneratedStudy:
         findings: modality -> findings text.
         impression: impression text.
         truth: generator ground truth, stored in the study's ``meta``.
+        affines: modality -> its own voxel -> RAS mm matrix, when the modalities lie on
+            different grids (``phase_grids``); empty when every volume is on ``affine``.
+        lesion_boxes: modality -> inclusive voxel box ``[x0, y0, z0, x1, y1, z1]`` of the
+            (largest) lesion on that modality's grid; empty for studies without a lesion.
     """
 
     volumes: dict[str, np.ndarray]
@@ -166,6 +170,25 @@ class GeneratedStudy:
     findings: dict[str, str]
     impression: str
     truth: dict[str, Any] = field(default_factory=dict)
+    affines: dict[str, np.ndarray] = field(default_factory=dict)
+    lesion_boxes: dict[str, list[int]] = field(default_factory=dict)
+
+    def affine_of(self, modality: str) -> np.ndarray:
+        """The voxel -> RAS mm matrix of one modality's volume."""
+        return self.affines.get(modality, self.affine)
+
+
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """Inclusive voxel box ``[x0, y0, z0, x1, y1, z1]`` of the non-zero voxels, ``None`` if empty.
+
+    >>> m = np.zeros((5, 5, 5), bool); m[1:3, 2, 0:4] = True
+    >>> mask_box(m)
+    [1, 2, 0, 2, 2, 3]
+    """
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return None
+    return [int(v) for v in idx.min(axis=0)] + [int(v) for v in idx.max(axis=0)]
 
 
 def ball_coords(shape: tuple[int, int, int], centre_vox: np.ndarray, radius_vox: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:

@@ -14,6 +14,12 @@ Layout of the output folder::
                                           study's "roi_mask" (used by configs with crop: roi_mask)
     DIR/<study_id>/lesion_mask.nii.gz     lesion tissue (uint8), meta["lesion_mask"]
 
+Every liver study's line holds the box of its (largest) lesion on each phase's grid
+(``lesion_box``, voxel indices), the input of lesion-level organ configs. With
+``liver.phase_grids: true`` each phase is written on its own grid, shifted a few mm
+(:mod:`medmap.data.synth.phase_grids`); the masks stay on the generation grid and no
+``roi_mask`` is listed then.
+
 Every random draw of a study comes from a generator seeded by ``(seed, organ, index)``, so
 the output is byte-identical for a seed and config, whatever the number of workers.
 """
@@ -28,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from medmap.config import CONFIG_ROOT, apply_overrides, deep_merge, load_yaml, resolve_config_path
-from medmap.data.studylist import Study, write_study_list
+from medmap.data.studylist import LesionBox, Study, write_study_list
 from medmap.data.synth.common import study_rng, write_nifti
 from medmap.errors import ConfigError
 
@@ -131,7 +137,7 @@ def _make_study(job: tuple[str, int, int, str, str | None, dict[str, Any], str])
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for mod, vol in g.volumes.items():
-        write_nifti(folder / f"{mod}.nii.gz", vol, g.affine)
+        write_nifti(folder / f"{mod}.nii.gz", vol, g.affine_of(mod))
         paths[mod] = f"{study_id}/{mod}.nii.gz"
     write_nifti(folder / "organ_mask.nii.gz", g.organ_mask, g.affine, kind="mask")
     write_nifti(folder / "lesion_mask.nii.gz", g.lesion_mask, g.affine, kind="mask")
@@ -139,8 +145,13 @@ def _make_study(job: tuple[str, int, int, str, str | None, dict[str, Any], str])
             "organ_mask": f"{study_id}/organ_mask.nii.gz", "lesion_mask": f"{study_id}/lesion_mask.nii.gz",
             "spacing_mm": [float(abs(v)) for v in np.diag(g.affine)[:3]],
             "shape": list(next(iter(g.volumes.values())).shape), **g.truth}
-    return {"study_id": study_id, "patient_id": f"{organ}-P{index:04d}", "organ": organ, "modalities": paths,
-            "findings": g.findings, "impression": g.impression, "label": g.label, "meta": meta}
+    rec = {"study_id": study_id, "patient_id": f"{organ}-P{index:04d}", "organ": organ, "modalities": paths,
+           "findings": g.findings, "impression": g.impression, "label": g.label, "meta": meta}
+    if g.lesion_boxes:
+        rec["lesion_box"] = {"space": "voxel", "boxes": g.lesion_boxes}
+    # the masks are on the base grid: an roi_mask crop needs every phase on it too
+    rec["roi_mask"] = None if g.affines else meta["organ_mask"]
+    return rec
 
 
 def _init_worker() -> None:
@@ -211,6 +222,8 @@ def generate(
             study_id=rec["study_id"], patient_id=rec["patient_id"], organ=rec["organ"],
             modalities={m: out / p for m, p in rec["modalities"].items()}, findings=rec["findings"],
             impression=rec["impression"], label=rec["label"], split=split, meta=rec["meta"],
-            roi_mask=out / rec["meta"]["organ_mask"],  # the organ's mask, for organ configs with crop: roi_mask
+            # the organ's mask, for organ configs with crop: roi_mask (when the phases share its grid)
+            roi_mask=None if rec["roi_mask"] is None else out / rec["roi_mask"],
+            lesion_box=LesionBox.from_json(rec["lesion_box"], rec["study_id"]) if "lesion_box" in rec else None,
         ))
     return write_study_list(studies, out / "studies.jsonl")

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from medmap.data.synth import reports
+from medmap.data.synth.phase_grids import place_on_phase_grids
 from medmap.data.synth.common import (
     GeneratedStudy,
     ball_coords,
@@ -29,6 +30,7 @@ from medmap.data.synth.common import (
     motion,
     partial_volume,
     rician,
+    mask_box,
     sigmoid,
     smooth_field,
     study_rng,
@@ -416,6 +418,13 @@ def generate_liver_study(index: int, seed: int, label: str, cfg: dict[str, Any])
         offm = off * vox_mm.reshape(3, 1, 1, 1)
         d = blob(rng, offm, radii, app["irregularity"])
         les_body = sigmoid((1 - d) / app["edge"]) * liver_env[sl]
+        if k == 0:  # the lesion to classify: the largest one
+            box0 = mask_box(les_body > 0.5)
+            start = np.array([sl_.start for sl_ in sl])
+            if box0 is None:  # smaller than a voxel: its centre voxel
+                box0 = [int(round(v)) for v in c] * 2
+            else:
+                box0 = [int(v) for v in np.concatenate([start + box0[:3], start + box0[3:]])]
         w_out = sigmoid((d - app["core"]) / 0.08)
         tex = 1 + app["texture"] * smooth_field(rng, d.shape, tuple(max(2, n // 2) for n in d.shape))
         vals: dict[str, np.ndarray] = {}
@@ -581,6 +590,11 @@ def generate_liver_study(index: int, seed: int, label: str, cfg: dict[str, Any])
         "artefacts": artefacts,
         "appearance": app,
     }
+    affines: dict[str, np.ndarray] = {}
+    boxes = {mod: list(box0) for mod in MODALITIES}
+    if cfg.get("phase_grids", False):
+        volumes, affines, boxes, shifts = place_on_phase_grids(volumes, affine, box0, study_rng(seed, "liver", index, stream=3), cfg)
+        truth["phase_shift_mm"] = shifts
     truth = to_python(truth)
     findings, impression = reports.liver_report(truth, study_rng(seed, "liver", index, stream=1))
     return GeneratedStudy(
@@ -592,4 +606,6 @@ def generate_liver_study(index: int, seed: int, label: str, cfg: dict[str, Any])
         findings=findings,
         impression=impression,
         truth=truth,
+        affines=affines,
+        lesion_boxes=boxes,
     )

@@ -109,6 +109,45 @@ def test_output_validates(synth_dir: Path) -> None:
     assert not problems, [str(p) for p in problems]
 
 
+def test_every_liver_study_has_its_lesion_box_per_phase(synth_dir: Path) -> None:
+    for s in read_study_list(synth_dir / "liver" / "studies.jsonl"):
+        assert s.lesion_box is not None and s.lesion_box.space == "voxel"
+        assert set(s.lesion_box.boxes) == set(s.modalities)
+        box = s.lesion_box.boxes["t2wi"]
+        assert all(box[i] <= c <= box[i + 3] for i, c in enumerate(s.meta["centre_vox"]))
+        assert all(b == box for b in s.lesion_box.boxes.values())  # one grid: one box
+
+
+def test_phase_grids_put_each_phase_on_its_own_shifted_grid(tmp_path: Path) -> None:
+    from medmap.data.lesion import world_box
+
+    cfg = load_synth_config("tiny", ["liver.phase_grids=true"])
+    generate(tmp_path, ["liver"], 3, seed=5, config=cfg, workers=1, progress=False)
+    base = load_synth_config("tiny")
+    generate(tmp_path / "registered", ["liver"], 3, seed=5, config=base, workers=1, progress=False)
+    studies = read_study_list(tmp_path / "studies.jsonl")
+    registered = {s.study_id: s for s in read_study_list(tmp_path / "registered" / "studies.jsonl")}
+    for s in studies:
+        assert s.roi_mask is None  # the organ mask is not on the phases' grids
+        affines = {m: nib.load(p).affine for m, p in s.modalities.items()}
+        assert len({a.tobytes() for a in affines.values()}) == len(affines)
+        ref = registered[s.study_id]
+        ref_aff = nib.load(ref.modalities["t2wi"]).affine
+        lo, hi = world_box(ref.lesion_box.boxes["t2wi"], "voxel", ref_aff)
+        for m, affine in affines.items():
+            plo, phi = world_box(s.lesion_box.boxes[m], "voxel", affine)
+            moved = (plo + phi) / 2 - np.asarray(s.meta["phase_shift_mm"][m])
+            spacing = np.abs(np.diag(affine)[:3])
+            assert np.all(np.abs(moved - (lo + hi) / 2) <= spacing), (s.study_id, m)
+    assert not validate_study_list_problems(tmp_path / "studies.jsonl")
+
+
+def validate_study_list_problems(path: Path) -> list[str]:
+    from medmap.data.validate import validate_study_list
+
+    return [str(p) for p in validate_study_list(path)]
+
+
 def test_splits_are_stratified_and_deterministic() -> None:
     keys = ["a"] * 10 + ["b"] * 5
     s1 = assign_splits(keys, 0, {"train": 0.6, "val": 0.2, "test": 0.2})
