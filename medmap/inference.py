@@ -31,8 +31,8 @@ from torch import Tensor
 from medmap.config import OrganConfig, load_yaml
 from medmap.data.cache import PreprocessCache
 from medmap.data.preprocess import preprocess_volumes
-from medmap.data.studylist import Study
-from medmap.errors import CheckpointError, VolumeError
+from medmap.data.studylist import LesionBox, Study
+from medmap.errors import CheckpointError, StudyListError, VolumeError
 from medmap.models.medmap import MedMAPClassifier, build_medmap_classifier
 from medmap.utils import atomic_write_bytes, atomic_write_json, pick_device, resolve_precision
 
@@ -269,12 +269,14 @@ class MedMAPPredictor:
     def classes(self) -> list[str]:
         return list(self.organ.classes)
 
-    def preprocess(self, paths: Mapping[str, str | Path], roi_mask: str | Path | None = None) -> dict[str, Tensor]:
+    def preprocess(self, paths: Mapping[str, str | Path], roi_mask: str | Path | None = None,
+                   lesion_box: LesionBox | Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """The shared preprocessing function (with this predictor's cache, if any)."""
-        return preprocess_volumes(paths, self.organ, cache=self.cache, roi_mask=roi_mask)
+        return preprocess_volumes(paths, self.organ, cache=self.cache, roi_mask=roi_mask,
+                                  lesion_box=as_lesion_box(lesion_box))
 
     def predict(self, paths: Mapping[str, str | Path], study_id: str = "study", saliency_dir: str | Path | None = None,
-                roi_mask: str | Path | None = None) -> Prediction:
+                roi_mask: str | Path | None = None, lesion_box: LesionBox | Mapping[str, Any] | None = None) -> Prediction:
         """Predict one study given as modality -> NIfTI path.
 
         Args:
@@ -283,30 +285,34 @@ class MedMAPPredictor:
             saliency_dir: when given, write a Grad-CAM NIfTI and PNG overlay there.
             roi_mask: the study's organ mask, for a run whose organ config crops to one
                 (``crop: roi_mask``); ignored otherwise.
+            lesion_box: the lesion's box, for a lesion-level run (``crop: lesion_box``): a
+                :class:`~medmap.data.studylist.LesionBox` or its study-list form, e.g.
+                ``{"space": "world", "box": [x0, y0, z0, x1, y1, z1]}`` or
+                ``{"space": "voxel", "boxes": {"t2wi": [...], "arterial": [...]}}``.
 
         Raises:
-            VolumeError: a missing or unreadable file, an unknown modality, a bad volume.
+            VolumeError: a missing or unreadable file, an unknown modality, a bad volume or box.
         """
         for m, p in paths.items():
             if not Path(p).is_file():
                 raise VolumeError(f"{m}: file not found: {p}")
         t0 = time.perf_counter()
-        sample = self.preprocess(paths, roi_mask=roi_mask)
+        sample = self.preprocess(paths, roi_mask=roi_mask, lesion_box=lesion_box)
         t1 = time.perf_counter()
         images = sample["images"][None].to(self.device)
         present = sample["present"][None].to(self.device)
         sal_nii = sal_png = None
+        # the probabilities come from one code path, with or without a saliency map, so that every
+        # route (command line, API, evaluation) gives the same answer on the same machine
+        dtype = resolve_precision(self.precision, self.device)
+        with torch.no_grad(), (torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+            probs = self.model(images, present, self.text_bank)["probs"][0].float().cpu()
+        t2 = time.perf_counter()
         if saliency_dir is not None:
-            combined, _, probs = grad_cam(self.model, images, present, self.text_bank)
-            t2 = time.perf_counter()
+            combined, _, _ = grad_cam(self.model, images, present, self.text_bank, target=int(probs.argmax()))
             nii, png = save_saliency(combined, sample["images"], sample["present"], sample["affine"],
                                      self.organ.modalities, saliency_dir, study_id)
             sal_nii, sal_png = str(nii), str(png)
-        else:
-            dtype = resolve_precision(self.precision, self.device)
-            with torch.no_grad(), (torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
-                probs = self.model(images, present, self.text_bank)["probs"][0].float().cpu()
-            t2 = time.perf_counter()
         present_list = sample["present"].tolist()
         p = probs.tolist()
         return Prediction(
@@ -326,7 +332,18 @@ class MedMAPPredictor:
         """Predict a :class:`~medmap.data.studylist.Study` (its organ must match)."""
         if study.organ != self.organ.name:
             raise VolumeError(f"study '{study.study_id}' is a {study.organ} study; this model is for {self.organ.name}")
-        return self.predict(study.modalities, study.study_id, saliency_dir, roi_mask=study.roi_mask)
+        return self.predict(study.modalities, study.study_id, saliency_dir, roi_mask=study.roi_mask,
+                            lesion_box=study.lesion_box)
+
+
+def as_lesion_box(box: LesionBox | Mapping[str, Any] | None) -> LesionBox | None:
+    """A :class:`LesionBox` from itself or its study-list form (``{"space": ..., "box"|"boxes": ...}``)."""
+    if box is None or isinstance(box, LesionBox):
+        return box
+    try:
+        return LesionBox.from_json(dict(box), "lesion_box")
+    except StudyListError as e:
+        raise VolumeError(str(e)) from e
 
 
 def _checkpoint_dir(run_dir: Path, which: str) -> Path:

@@ -5,6 +5,8 @@ Example::
     medmap predict runs/liver --study study.json          # a JSON object as in a study-list line
     medmap predict runs/brain t1=sub/t1.nii.gz flair=sub/flair.nii.gz --out pred/
     medmap predict runs/liver_roi t2wi=s/t2wi.nii.gz --roi-mask s/liver_mask.nii.gz   # crop: roi_mask runs
+    medmap predict runs/liver t2wi=s/t2wi.nii.gz arterial=s/art.nii.gz --lesion-box 40,52,20,51,63,26   # lesion level
+    medmap predict runs/liver t2wi=... arterial=... --lesion-box t2wi=40,52,20,51,63,26 --lesion-box arterial=38,50,21,49,61,27
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from medmap.data.studylist import LesionBox, parse_box
 from medmap.errors import StudyListError
 
 
@@ -31,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--roi-mask", type=Path, default=None,
                    help="the study's organ mask (NIfTI on the volumes' grid), for runs whose organ config has "
                    "crop: roi_mask; overrides a 'roi_mask' in --study")
+    p.add_argument("--lesion-box", action="append", default=[], metavar="[MODALITY=]X0,Y0,Z0,X1,Y1,Z1",
+                   help="the lesion's box, for lesion-level runs (crop: lesion_box): one box for every modality, or "
+                   "MODALITY=box once per modality (each in its own file's voxel indices); overrides a 'lesion_box' "
+                   "in --study")
+    p.add_argument("--box-space", choices=["voxel", "world"], default="voxel",
+                   help="coordinates of --lesion-box: voxel indices of each file (default) or world RAS millimetres")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
     p.add_argument("--no-saliency", action="store_true", help="skip the Grad-CAM saliency map")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
@@ -50,8 +59,32 @@ def parse_volumes(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def read_study_json(path: Path) -> tuple[str, dict[str, Path], Path | None]:
-    """``(study_id, modality -> path, roi_mask or None)`` from a JSON file holding one study-list line."""
+def parse_lesion_box(items: list[str], space: str) -> LesionBox | None:
+    """``--lesion-box`` arguments -> a :class:`LesionBox`: one bare box, or ``MODALITY=box`` per modality.
+
+    >>> parse_lesion_box(["1,2,3,4,5,6"], "voxel").box
+    (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    >>> sorted(parse_lesion_box(["t2wi=1,2,3,4,5,6", "dwi=0,0,0,2,2,2"], "voxel").boxes)
+    ['dwi', 't2wi']
+    """
+    if not items:
+        return None
+    named = [i for i in items if "=" in i]
+    if named and len(named) != len(items) or (not named and len(items) > 1):
+        raise StudyListError("--lesion-box: give one box for the whole study, or MODALITY=box for each modality")
+    if not named:
+        return LesionBox(space, box=parse_box(items[0], "--lesion-box"))
+    boxes = {}
+    for item in items:
+        m, value = item.split("=", 1)
+        if m.strip() in boxes:
+            raise StudyListError(f"--lesion-box: modality '{m.strip()}' given twice")
+        boxes[m.strip()] = parse_box(value, f"--lesion-box {m.strip()}")
+    return LesionBox(space, boxes=boxes)
+
+
+def read_study_json(path: Path) -> tuple[str, dict[str, Path], Path | None, LesionBox | None]:
+    """``(study_id, modality -> path, roi_mask, lesion_box)`` from a JSON file holding one study-list line."""
     from medmap.data.studylist import _parse_line
 
     if not path.is_file():
@@ -65,7 +98,7 @@ def read_study_json(path: Path) -> tuple[str, dict[str, Path], Path | None]:
         obj.setdefault("study_id", path.stem)
         obj.setdefault("organ", "unknown")
     study = _parse_line(obj, str(path), path.resolve().parent)
-    return study.study_id, study.modalities, study.roi_mask
+    return study.study_id, study.modalities, study.roi_mask, study.lesion_box
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,17 +107,18 @@ def run(args: argparse.Namespace) -> int:
     if args.study is not None and args.volumes:
         raise StudyListError("give either --study or MODALITY=PATH arguments, not both")
     if args.study is not None:
-        study_id, paths, roi_mask = read_study_json(args.study)
+        study_id, paths, roi_mask, lesion_box = read_study_json(args.study)
     elif args.volumes:
         paths = parse_volumes(args.volumes)
-        study_id, roi_mask = "study", None
+        study_id, roi_mask, lesion_box = "study", None, None
     else:
         raise StudyListError("nothing to predict: give --study STUDY.json or MODALITY=PATH arguments")
     study_id = args.study_id or study_id
     roi_mask = args.roi_mask or roi_mask
+    lesion_box = parse_lesion_box(args.lesion_box, args.box_space) or lesion_box
     predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device)
     pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out,
-                             roi_mask=roi_mask)
+                             roi_mask=roi_mask, lesion_box=lesion_box)
     out_json = write_prediction(pred, args.out / f"{study_id}_prediction.json")
     print(json.dumps(pred.to_json(), indent=1))
     print(f"prediction written to {out_json}")
