@@ -1,10 +1,12 @@
 """Training-only augmentation of a preprocessed study (TorchIO).
 
-The modalities of one study are put into one ``torchio.Subject``, so every *spatial*
-transform (flip, affine) is drawn once and applied identically to all of them: the
-sequences stay co-registered. Missing modalities (``present == False``) are left out of the
-subject and stay all-zero. Intensity transforms (bias field, scale/shift, noise) act on
-present modalities only; scale/shift leaves the zero background untouched.
+The present modalities of one study are the channels of one ``torchio.ScalarImage``, so
+every *spatial* transform (flip, affine) is drawn once and applied identically to all of
+them (the sequences stay aligned), in one resampling call for all of them. Missing
+modalities (``present == False``) are left out and stay all-zero. Intensity transforms act
+on present modalities only: the bias field is one smooth field for the whole study (one
+receive coil, one session), noise has one drawn level and independent values per channel,
+and scale/shift is drawn per modality and leaves the zero background untouched.
 
 Never use this in evaluation or prediction: :class:`~medmap.data.dataset.StudyDataset`
 applies it only when given one, and only training code builds one.
@@ -125,22 +127,22 @@ class StudyAugmentation:
         out = images.clone()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            subject = tio.Subject({str(i): tio.ScalarImage(tensor=images[i : i + 1].clone(), affine=affine) for i in idx})
+            subject = tio.Subject(study=tio.ScalarImage(tensor=images[idx].clone(), affine=affine))
             for t in (self._spatial, self._bias):
                 if t is not None:
                     subject = t(subject)
+            x_all = subject["study"].data.to(torch.float32)
             gen = torch.Generator().manual_seed(seed)
             ss = self.cfg["scale_shift"]
-            for i in idx:
-                x = subject[str(i)].data[0].to(torch.float32)
+            for j, i in enumerate(idx):
+                x = x_all[j]
                 if ss["prob"] > 0 and torch.rand((), generator=gen) < ss["prob"]:
                     scale = 1.0 + (2 * torch.rand((), generator=gen) - 1) * float(ss["scale"])
                     shift = (2 * torch.rand((), generator=gen) - 1) * float(ss["shift"])
                     x = torch.where(x != 0, x * scale + shift, x)
                 out[i] = x
             if self._noise is not None:
-                for i in idx:
-                    out[i] = self._noise(out[i : i + 1])[0]
+                out[idx] = self._noise(out[idx])
         result = dict(sample)
         result["images"] = out.to(images.dtype)
         return result
