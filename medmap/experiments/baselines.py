@@ -97,6 +97,45 @@ def modality_features(volume: np.ndarray, organ_mask: np.ndarray) -> np.ndarray:
     return np.asarray(feats, dtype=np.float64)
 
 
+def lesion_modality_features(image: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Statistics of a lesion patch (:func:`medmap.data.lesion.cut_lesion_patch`) inside its box (16 numbers):
+    percentiles, mean and SD, the mean of the box's central core and of the rest of the box
+    (rim against centre: rings, fill-in, scars), and the fractions well above / below the
+    surrounding tissue."""
+    idx = np.argwhere(inside)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    quarter = (hi - lo) / 4
+    core = np.zeros_like(inside)
+    a, b = np.floor(lo + quarter).astype(int), np.ceil(hi - quarter).astype(int) + 1
+    core[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = True
+    core &= inside
+    v = image[inside].astype(np.float64)
+    rim = image[inside & ~core]
+    feats = list(np.percentile(v, PERCENTILES))
+    feats += [v.mean(), v.std(), float(image[core].mean()), float(rim.mean()) if rim.size else float(v.mean()),
+              float((v > 0.5).mean()), float((v < -0.3).mean())]
+    return np.asarray(feats, dtype=np.float64)
+
+
+def lesion_study_features(record: tuple[Mapping[str, str], Any, OrganConfig]) -> dict[str, np.ndarray]:
+    """Features of one lesion-level study, ``(modality -> path, LesionBox or None, organ)`` -> modality -> vector,
+    computed on the same patches as the models see."""
+    from medmap.data.lesion import cut_lesion_patch, patch_box
+    from medmap.data.validate import check_volume
+
+    modalities, lesion_box, organ = record
+    out = {}
+    for m, path in modalities.items():
+        img = check_volume(path)
+        box = lesion_box.for_modality(m) if lesion_box is not None else None
+        space = lesion_box.space if box is not None else "voxel"
+        if box is None:
+            box = patch_box(img.shape, img.affine, organ.margin_mm)
+        cut = cut_lesion_patch(img, box, space, organ.margin_mm, organ.roi_size, organ.patch_norm)
+        out[m] = lesion_modality_features(cut.image, cut.inside)
+    return out
+
+
 def study_features(record: tuple[str, Mapping[str, str], str]) -> dict[str, np.ndarray]:
     """Features of one study, ``(list folder, modality -> path, organ-mask path)`` -> modality -> vector."""
     import nibabel as nib
@@ -130,7 +169,21 @@ def fit_intensity_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0, cv: in
 
 def intensity_feature_matrix(studies: Sequence[Study], organ: OrganConfig, list_dir: Path,
                              workers: int = 1) -> np.ndarray:
-    """All-modality intensity features ``[n, 16 M]``; a missing modality contributes zeros."""
+    """All-modality intensity features ``[n, 16 M]``; a missing modality contributes zeros.
+
+    Whole-organ tasks use the statistics inside the generator's organ mask; lesion-level
+    tasks (``crop: lesion_box`` or ``patch``) those inside each modality's lesion box, on
+    the patches of the shared preprocessing.
+    """
+    width = len(PERCENTILES) + 6
+    if organ.lesion_level:
+        recs = [({m: str(p) for m, p in s.modalities.items()}, s.lesion_box, organ) for s in studies]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as ex:
+                lfeats = list(ex.map(lesion_study_features, recs, chunksize=4))
+        else:
+            lfeats = [lesion_study_features(r) for r in recs]
+        return np.stack([np.concatenate([f.get(m, np.zeros(width)) for m in organ.modalities]) for f in lfeats])
     records = []
     for s in studies:
         mask = (s.meta or {}).get("organ_mask")
@@ -143,7 +196,6 @@ def intensity_feature_matrix(studies: Sequence[Study], organ: OrganConfig, list_
             feats = list(ex.map(study_features, records, chunksize=4))
     else:
         feats = [study_features(r) for r in records]
-    width = len(PERCENTILES) + 6
     return np.stack([np.concatenate([f.get(m, np.zeros(width)) for m in organ.modalities]) for f in feats])
 
 
@@ -170,13 +222,38 @@ def run_intensity_baseline(study_list: str | Path, organ: str | Path | OrganConf
 
 
 # --------------------------------------------------------------------------- supervised 3D CNN
+class EarlyFusionCNN(nn.Module):
+    """The small early-fusion CNN baseline: MedMAP's own CNN trunk
+    (:class:`~medmap.models.encoders.CNN3DEncoder`, MONAI residual units) on all modalities
+    stacked as channels, mean-pooled tokens, a linear head. Against MedMAP it isolates *early*
+    fusion (every voxel's sequences seen together from the first convolution) from one
+    encoder per sequence.
+
+    >>> EarlyFusionCNN(4, 3, channels=[4, 8])(torch.zeros(2, 4, 16, 16, 8)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64), subunits: int = 2,
+                 dim: int = 64, norm: str = "instance", dropout: float = 0.0) -> None:
+        super().__init__()
+        from medmap.models.encoders import CNN3DEncoder
+
+        self.trunk = CNN3DEncoder(channels=channels, subunits=subunits, dim=dim, norm=norm, dropout=dropout,
+                                  in_channels=in_channels)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x).pooled)
+
+
 class StackedModalityCNN(nn.Module):
-    """A MONAI 3D classification network on ``[images * present, present]`` (``2 M`` channels).
+    """A 3D classification network on ``[images * present, present]`` (``2 M`` channels).
 
     Args:
-        net: ``{"name": <class in monai.networks.nets>, **kwargs}``; the channel and class
-            arguments (``in_channels``/``out_channels`` or ``n_input_channels``/``num_classes``)
-            are filled in; ``spatial_dims`` defaults to 3.
+        net: ``{"name": <class in monai.networks.nets>, **kwargs}`` (the channel and class
+            arguments, ``in_channels``/``out_channels`` or ``n_input_channels``/``num_classes``,
+            are filled in; ``spatial_dims`` defaults to 3), or ``{"name": "EarlyFusionCNN",
+            **kwargs}`` for :class:`EarlyFusionCNN`.
         num_modalities: ``M``.
         num_classes: ``C``.
 
@@ -193,6 +270,10 @@ class StackedModalityCNN(nn.Module):
 
         kwargs = dict(net)
         name = str(kwargs.pop("name", ""))
+        self.num_classes = num_classes
+        if name == "EarlyFusionCNN":
+            self.net = EarlyFusionCNN(2 * num_modalities, num_classes, **kwargs)
+            return
         cls = getattr(nets, name, None)
         if not name or not isinstance(cls, type):
             raise ConfigError(f"cnn baseline: net.name must be a class of monai.networks.nets (e.g. DenseNet, ResNet), got {name!r}")

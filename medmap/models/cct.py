@@ -53,10 +53,19 @@ class CCTOutput:
 
 
 class CrossCognitionLayer(nn.Module):
-    """One two-way layer: V attends to Q, then Q attends to V, each followed by an FFN."""
+    """One two-way layer: V attends to Q, then Q attends to V, each followed by an FFN.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    With ``self_attention`` the visual tokens first attend to each other (present tokens
+    only), so tokens of different sequences meet directly, not only through the text tokens.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 self_attention: bool = False) -> None:
         super().__init__()
+        self.self_attn: nn.MultiheadAttention | None = None
+        if self_attention:
+            self.sa_norm = nn.LayerNorm(dim)
+            self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.v_norm_q = nn.LayerNorm(dim)
         self.v_norm_kv = nn.LayerNorm(dim)
         self.v_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
@@ -67,6 +76,9 @@ class CrossCognitionLayer(nn.Module):
         self.q_ffn = FeedForward(dim, mlp_ratio, dropout)
 
     def forward(self, v: Tensor, q: Tensor, v_padding: Tensor) -> tuple[Tensor, Tensor]:
+        if self.self_attn is not None:
+            h = self.sa_norm(v)
+            v = v + self.self_attn(h, h, h, key_padding_mask=v_padding, need_weights=False)[0]
         kv = self.v_norm_kv(q)
         v = v + self.v_attn(self.v_norm_q(v), kv, kv, need_weights=False)[0]
         v = v + self.v_ffn(v)
@@ -88,10 +100,12 @@ class CrossCognitionTransformer(nn.Module):
         pooling: ``"mean"`` (masked mean over present tokens), ``"attention"`` (masked
             softmax pooling with a learned query) or ``"max"`` (masked channel-wise max: one
             token can carry a small lesion into ``v*`` without being averaged away).
+        self_attention: each layer starts with self-attention among the visual tokens
+            (:class:`CrossCognitionLayer`).
     """
 
     def __init__(self, dim: int, num_heads: int = 4, num_layers: int = 2, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, pooling: str = "mean") -> None:
+                 dropout: float = 0.0, pooling: str = "mean", self_attention: bool = False) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"CCT: dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -100,7 +114,8 @@ class CrossCognitionTransformer(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"CCT: pooling must be one of {POOLINGS}, got '{pooling}'")
         self.pooling = pooling
-        self.layers = nn.ModuleList(CrossCognitionLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(CrossCognitionLayer(dim, num_heads, mlp_ratio, dropout, self_attention)
+                                    for _ in range(num_layers))
         self.v_norm = nn.LayerNorm(dim)
         self.q_norm = nn.LayerNorm(dim)
         if pooling == "attention":

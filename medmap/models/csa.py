@@ -68,11 +68,13 @@ class FiLMConvBlock(nn.Module):
             nn.init.zeros_(self.film.bias)
 
     def forward(self, x: Tensor, cond: Tensor | None) -> Tensor:
-        """Args: x ``[B, d, gx, gy, gz]``; cond ``[cond_dim]`` or ``None`` (no text)."""
+        """Args: x ``[B, d, gx, gy, gz]``; cond ``[cond_dim]`` (one for the batch), ``[B, cond_dim]``
+        (one per study, e.g. when the batch mixes modalities) or ``None`` (no text)."""
         h = self.norm(self.conv1(x))
         if self.film is not None and cond is not None:
             gamma, beta = self.film(cond).chunk(2, dim=-1)
-            h = h * (1.0 + gamma).view(1, -1, 1, 1, 1) + beta.view(1, -1, 1, 1, 1)
+            shape = (-1 if cond.dim() == 2 else 1, h.shape[1], 1, 1, 1)
+            h = h * (1.0 + gamma).view(shape) + beta.view(shape)
         return x + self.conv2(self.drop(self.act(h)))
 
 
@@ -143,8 +145,11 @@ class CrossModalSemanticAggregation(nn.Module):
         nn.init.trunc_normal_(self.modality_embedding, std=0.02)
         self.last_gate: Tensor | None = None  # [B, N, d] gate of the latest call, for inspection
 
-    def forward(self, tokens: Tensor, grid: tuple[int, int, int], modality_index: int,
+    def forward(self, tokens: Tensor, grid: tuple[int, int, int], modality_index: int | Tensor,
                 class_tokens: Tensor | None = None, modality_tokens: Tensor | None = None) -> Tensor:
+        """``modality_index`` is one index for the whole batch, or a LongTensor ``[B]`` with the
+        modality of each row, so that the tokens of all modalities (on grids of one size) go
+        through CSA in one call."""
         b, n, d = tokens.shape
         gx, gy, gz = grid
         if n != gx * gy * gz or d != self.dim:
@@ -154,7 +159,9 @@ class CrossModalSemanticAggregation(nn.Module):
         # Local stream: tokens back on their 3D grid (row-major: x slowest, z fastest).
         cond = None
         if use_text:
-            cond = torch.cat([modality_tokens[modality_index], class_tokens.mean(dim=0)], dim=-1)
+            mod_tok = modality_tokens[modality_index]  # [d] or [B, d]
+            cls_mean = class_tokens.mean(dim=0).expand_as(mod_tok)
+            cond = torch.cat([mod_tok, cls_mean], dim=-1)
         vol = tokens.transpose(1, 2).reshape(b, d, gx, gy, gz)
         for block in self.local_blocks:
             vol = block(vol, cond)
@@ -171,7 +178,8 @@ class CrossModalSemanticAggregation(nn.Module):
 
         gate = torch.sigmoid(self.gate(torch.cat([local, glob], dim=-1)))
         self.last_gate = gate.detach()
-        return gate * local + (1.0 - gate) * glob + self.modality_embedding[modality_index]
+        emb = self.modality_embedding[modality_index]
+        return gate * local + (1.0 - gate) * glob + (emb.unsqueeze(1) if emb.dim() == 2 else emb)
 
 
 def _num_groups(dim: int) -> int:

@@ -239,6 +239,7 @@ class CNN3DEncoder(nn.Module):
         stem_channels: channels of that stem.
         pool: ``mean``, ``max`` or ``grid`` pooling of the tokens into ``z_m`` (:class:`TokenPool`).
         pool_grid: cells of the ``grid`` pool.
+        in_channels: input channels (1 for one modality; the early-fusion baseline stacks them).
     """
 
     def __init__(
@@ -253,6 +254,7 @@ class CNN3DEncoder(nn.Module):
         stem_channels: int = 16,
         pool: str = "mean",
         pool_grid: Sequence[int] = (2, 2, 2),
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         self.pooling = TokenPool(pool, dim, pool_grid)
@@ -262,11 +264,11 @@ class CNN3DEncoder(nn.Module):
             raise ConfigError("cnn: 'stem_patch' must be at least 1")
         self.dim = dim
         layers: list[nn.Module] = []
-        in_ch = 1
+        in_ch = int(in_channels)
         if stem_patch > 1:
             # Patchify stem (kernel = stride): on CPU, full-resolution 3x3x3 convolutions dominate
             # the cost of a 3D CNN; a non-overlapping patch embedding cuts it by ~stem_patch^3.
-            layers += [PatchEmbed3d(1, stem_channels, stem_patch),
+            layers += [PatchEmbed3d(in_ch, stem_channels, stem_patch),
                        Convolution(3, stem_channels, stem_channels, kernel_size=1, norm=norm, act="gelu", conv_only=False)]
             in_ch = stem_channels
         for ch in channels:

@@ -42,8 +42,10 @@ from medmap.config import OrganConfig
 from medmap.errors import CheckpointError, ConfigError, MedMAPError
 from medmap.models.cct import POOLINGS, CrossCognitionTransformer
 from medmap.models.csa import CrossModalSemanticAggregation
+from medmap.models.positions import GridPositionEmbedding
 
 PREDICTION_MODES = ("avg", "cls", "sim")
+TOKEN_FUSIONS = ("sequence", "location")
 
 
 @dataclass
@@ -65,6 +67,15 @@ class MedMAPModelConfig:
         prediction: ``avg`` (mean of the two heads' probabilities), ``cls`` or ``sim``.
         tau_init: initial similarity temperature ``tau`` (a scale, multiplies the cosine).
         tau_max: upper clamp of ``tau`` (lower clamp is 1).
+        token_positions: add a learned embedding of each token's place on its grid
+            (:class:`~medmap.models.positions.GridPositionEmbedding`) to the encoder tokens.
+        cct_self_attention: CCT layers start with self-attention among the visual tokens of
+            all present sequences.
+        token_fusion: ``sequence`` (CCT sees every sequence's tokens, ``M x N``) or
+            ``location`` (the CSA tokens of all sequences at one grid cell are concatenated,
+            with the presence flags, and projected to one visual token per cell, so CCT sees
+            ``N`` tokens that each describe one place in every sequence; needs the sequences'
+            token grids to coincide, as they do for lesion patches and co-registered volumes).
     """
 
     num_heads: int = 4
@@ -80,6 +91,9 @@ class MedMAPModelConfig:
     prediction: str = "avg"
     tau_init: float = 10.0
     tau_max: float = 100.0
+    token_positions: bool = False
+    cct_self_attention: bool = False
+    token_fusion: str = "sequence"
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_MODES:
@@ -89,6 +103,8 @@ class MedMAPModelConfig:
             self.prediction = "cls"
         if self.pooling not in POOLINGS:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
+        if self.token_fusion not in TOKEN_FUSIONS:
+            raise ConfigError(f"model.token_fusion must be one of {', '.join(TOKEN_FUSIONS)}, got {self.token_fusion!r}")
         if not 1.0 <= self.tau_init <= self.tau_max:
             raise ConfigError(f"model.tau_init must lie in [1, tau_max={self.tau_max}], got {self.tau_init}")
 
@@ -99,7 +115,8 @@ class MedMAPModelConfig:
         abl = ablation_switches(cfg)
         csa = dict(model.pop("csa", None) or {})
         cct = dict(model.pop("cct", None) or {})
-        known = {"num_heads", "mlp_ratio", "dropout", "pooling", "prediction", "tau_init", "tau_max"}
+        known = {"num_heads", "mlp_ratio", "dropout", "pooling", "prediction", "tau_init", "tau_max", "token_positions",
+                 "token_fusion"}
         extra = set(model) - known
         if extra:
             raise ConfigError(f"unknown keys in the 'model' section: {sorted(extra)}")
@@ -110,6 +127,7 @@ class MedMAPModelConfig:
             csa_transformer_blocks=int(csa.get("transformer_blocks", 1)),
             use_cct=abl["cct"],
             cct_layers=int(cct.get("layers", 2)),
+            cct_self_attention=bool(cct.get("self_attention", False)),
             use_text=abl["text"],
         )
 
@@ -139,8 +157,9 @@ class PlainTokenProjection(nn.Module):
         self.modality_embedding = nn.Parameter(torch.zeros(num_modalities, dim))
         nn.init.trunc_normal_(self.modality_embedding, std=0.02)
 
-    def forward(self, tokens: Tensor, modality_index: int) -> Tensor:
-        return self.norm(self.proj(tokens)) + self.modality_embedding[modality_index]
+    def forward(self, tokens: Tensor, modality_index: int | Tensor) -> Tensor:
+        emb = self.modality_embedding[modality_index]
+        return self.norm(self.proj(tokens)) + (emb.unsqueeze(1) if emb.dim() == 2 else emb)
 
 
 def average_class_prompts(class_emb: Tensor) -> Tensor:
@@ -209,7 +228,8 @@ class MedMAPClassifier(nn.Module):
         self.cct: CrossCognitionTransformer | None = None
         self.fusion_mlp: nn.Sequential | None = None
         if cfg.use_cct:
-            self.cct = CrossCognitionTransformer(d, cfg.num_heads, cfg.cct_layers, cfg.mlp_ratio, cfg.dropout, cfg.pooling)
+            self.cct = CrossCognitionTransformer(d, cfg.num_heads, cfg.cct_layers, cfg.mlp_ratio, cfg.dropout, cfg.pooling,
+                                                 self_attention=cfg.cct_self_attention)
             if not cfg.use_text:
                 # Pure vision: CCT attends to learned queries in place of class / modality text.
                 self.query_tokens = nn.Parameter(torch.zeros(c + m, d))
@@ -223,6 +243,10 @@ class MedMAPClassifier(nn.Module):
                 nn.Linear(d, d),
             )
 
+        self.positions = GridPositionEmbedding(d) if cfg.token_positions else None
+        self.location_fusion: nn.Sequential | None = None
+        if cfg.token_fusion == "location" and cfg.use_cct:
+            self.location_fusion = nn.Sequential(nn.LayerNorm(m * d + m), nn.Linear(m * d + m, d))
         self.classifier = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, c))
         if cfg.use_text:
             self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
@@ -273,6 +297,61 @@ class MedMAPClassifier(nn.Module):
         ]
 
     # ------------------------------------------------------------------ forward
+    def _encode(self, images: Tensor, present: Tensor) -> dict[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]]:
+        """``E_m`` of each modality on the studies that have it: name -> (index m, rows, tokens Z_m, grid)."""
+        out = {}
+        for mi, name in enumerate(self.modalities):
+            idx = present[:, mi].nonzero(as_tuple=True)[0]
+            if idx.numel():
+                enc = self.encoders(images[idx, mi : mi + 1], modality=name)
+                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid))
+        return out  # type: ignore[return-value]
+
+    def _aggregate(self, encoded: Mapping[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]],
+                   class_tokens: Tensor | None, modality_tokens: Tensor | None) -> dict[str, Tensor]:
+        """CSA (or the plain projection) of each modality's tokens -> ``A_m`` (rows: studies that have m).
+
+        CSA is one module for all modalities, so when the token grids agree the tokens of every
+        modality go through it in one call (each row with its own modality index), which is
+        much faster on a CPU than one call per modality; the result is the same."""
+        items = []
+        for name, (mi, idx, z, grid) in encoded.items():
+            if self.positions is not None:
+                z = z + self.positions(grid)
+            items.append((name, mi, z, grid))
+        if not items:
+            return {}
+        if len({grid for _, _, _, grid in items}) > 1:  # grids differ: one call per modality
+            return {name: self._aggregate_one(z, grid, mi, class_tokens, modality_tokens) for name, mi, z, grid in items}
+        z_all = torch.cat([z for _, _, z, _ in items])
+        mod_index = torch.cat([torch.full((z.shape[0],), mi, dtype=torch.long, device=z.device) for _, mi, z, _ in items])
+        a_all = self._aggregate_one(z_all, items[0][3], mod_index, class_tokens, modality_tokens)
+        return dict(zip([name for name, *_ in items], a_all.split([z.shape[0] for _, _, z, _ in items])))
+
+    def _aggregate_one(self, z: Tensor, grid: tuple[int, int, int], modality_index: int | Tensor,
+                       class_tokens: Tensor | None, modality_tokens: Tensor | None) -> Tensor:
+        if self.cfg.use_csa:
+            return self.csa(z, grid, modality_index, class_tokens, modality_tokens)
+        return self.csa(z, modality_index)
+
+    def _fuse_locations(self, aggregated: Mapping[str, Tensor], rows: Mapping[str, Tensor],
+                        present: Tensor) -> tuple[Tensor, Tensor]:
+        """``token_fusion: location``: one visual token per grid cell from every sequence's token there."""
+        assert self.location_fusion is not None
+        sizes = {a.shape[1] for a in aggregated.values()}
+        if len(sizes) != 1:
+            raise MedMAPError("model.token_fusion: location needs every sequence on one token grid; "
+                              f"got {len(sizes)} grid sizes (use token_fusion: sequence)")
+        b, n = present.shape[0], sizes.pop()
+        any_a = next(iter(aggregated.values()))
+        stacked = any_a.new_zeros(b, n, len(self.modalities), self.dim)
+        for mi, name in enumerate(self.modalities):
+            if name in aggregated:
+                stacked[rows[name], :, mi] = aggregated[name]
+        flags = present.to(any_a.dtype).unsqueeze(1).expand(b, n, -1)
+        fused = self.location_fusion(torch.cat([stacked.flatten(2), flags], dim=-1))
+        return fused, torch.zeros(b, n, dtype=torch.bool, device=fused.device)
+
     def forward(self, images: Tensor, present: Tensor, text_bank: Any = None) -> dict[str, Any]:
         b, m = images.shape[:2]
         if images.dim() != 5 or m != len(self.modalities):
@@ -292,38 +371,33 @@ class MedMAPClassifier(nn.Module):
                 raise MedMAPError("this model uses text (ablation.text: true) but no text bank was given")
             class_tokens, modality_tokens = self.project_text(text_bank)
 
+        encoded = self._encode(images, present)
+        tokens_out = {name: z for name, (_, _, z, _) in encoded.items()}
+        grids = {name: grid for name, (_, _, _, grid) in encoded.items()}
+        index_out = {name: idx for name, (_, idx, _, _) in encoded.items()}
+        aggregated = self._aggregate(encoded, class_tokens, modality_tokens)
         visual, padding, per_modality_pooled = [], [], []
-        tokens_out: dict[str, Tensor] = {}
-        grids: dict[str, tuple[int, int, int]] = {}
-        index_out: dict[str, Tensor] = {}
         for mi, name in enumerate(self.modalities):
-            idx = present[:, mi].nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
+            if name not in aggregated:
                 if self.fusion_mlp is not None:
                     per_modality_pooled.append(images.new_zeros(b, self.dim))
                 continue
-            enc = self.encoders(images[idx, mi : mi + 1], modality=name)
-            z = enc.tokens
-            grid = tuple(int(g) for g in enc.grid)
-            tokens_out[name], grids[name], index_out[name] = z, grid, idx  # type: ignore[assignment]
-            if self.cfg.use_csa:
-                a = self.csa(z, grid, mi, class_tokens, modality_tokens)
-            else:
-                a = self.csa(z, mi)
-            full = a.new_zeros(b, a.shape[1], a.shape[2]).index_copy(0, idx, a)
+            a, idx = aggregated[name], index_out[name]
             if self.fusion_mlp is not None:
                 per_modality_pooled.append(a.new_zeros(b, self.dim).index_copy(0, idx, a.mean(dim=1)))
             else:
                 pad = torch.ones(b, a.shape[1], dtype=torch.bool, device=a.device)
                 pad[idx] = False
-                visual.append(full)
+                visual.append(a.new_zeros(b, a.shape[1], a.shape[2]).index_copy(0, idx, a))
                 padding.append(pad)
 
         pool_weights = None
         q_star = None
         if self.cct is not None:
-            v_seq = torch.cat(visual, dim=1)
-            pad_seq = torch.cat(padding, dim=1)
+            if self.location_fusion is not None:
+                v_seq, pad_seq = self._fuse_locations(aggregated, index_out, present)
+            else:
+                v_seq, pad_seq = torch.cat(visual, dim=1), torch.cat(padding, dim=1)
             if class_tokens is not None and modality_tokens is not None:
                 q_seq = torch.cat([class_tokens, modality_tokens], dim=0)
             else:
