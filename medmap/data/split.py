@@ -147,3 +147,28 @@ def split_summary(studies: Sequence[Study]) -> str:
             f"{split or 'unassigned'}: {len(sel)} studies, {len({s.patient_id for s in sel})} patients ({label_txt})"
         )
     return "\n".join(lines)
+
+
+def labelled_subset(studies: Sequence[Study], per_class: int | None, seed: int = 0) -> list[Study]:
+    """At most ``per_class`` studies of each label, drawn with ``seed`` (label-efficiency runs).
+
+    The draw depends only on the studies' ids, labels and the seed, not on the list order, so
+    every method of a comparison gets the same labelled studies. ``None`` keeps them all.
+
+    >>> ss = [Study(f"s{i}", f"p{i}", "liver", {}, label="cyst" if i % 2 else "hcc") for i in range(10)]
+    >>> sorted(s.label for s in labelled_subset(ss, 2, seed=0))
+    ['cyst', 'cyst', 'hcc', 'hcc']
+    """
+    if per_class is None:
+        return list(studies)
+    if int(per_class) < 1:
+        raise StudyListError(f"labels per class must be at least 1, got {per_class}")
+    by_label: dict[str, list[Study]] = {}
+    for s in sorted(studies, key=lambda s: s.study_id):
+        if s.label is not None:
+            by_label.setdefault(s.label, []).append(s)
+    keep: set[str] = set()
+    for label, group in sorted(by_label.items()):
+        rng = np.random.default_rng(_stratum_seed(seed, ("labelled_subset", label)))
+        keep.update(group[i].study_id for i in rng.permutation(len(group))[: int(per_class)])
+    return [s for s in studies if s.study_id in keep]

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from medmap.config import load_organ_config, load_yaml
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
-from medmap.data.split import ensure_splits
+from medmap.data.split import ensure_splits, labelled_subset
 from medmap.data.studylist import read_study_list
 from medmap.engines.common import (
     DistInfo,
@@ -154,6 +154,8 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
         raise StudyListError(f"{study_list}: fine-tuning needs labelled {organ.name} studies in both the train "
                              f"and the val split (got {len(train)} train, {len(val)} val)")
     dcfg = dict(cfg.get("data") or {})
+    if dcfg.get("labels_per_class") is not None:  # label-efficiency runs: a few labelled studies per class
+        train = labelled_subset(train, int(dcfg["labels_per_class"]), seed)
     cache_root = Path(dcfg.get("cache_dir") or default_cache_root(study_list))
     pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.get("cache_dir") else cache_root)
     augment = None

@@ -127,3 +127,45 @@ def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str | Path, title: str = "Label efficiency",
+                          chance: float | None = None, ylabel: str = "balanced accuracy (test)") -> Path:
+    """Accuracy against labelled training studies per class: one line per method (the mean
+    over seeds) with the seed range shaded.
+
+    Args:
+        points: ``(method, labelled studies per class, score of one seed)``.
+        path: the PNG to write.
+        chance: drawn as a dotted line when given.
+
+    Example:
+        >>> label_efficiency_plot([("a", 5, 0.5), ("a", 5, 0.6), ("a", 20, 0.8)], "/tmp/le.png")  # doctest: +SKIP
+    """
+    fig = Figure(figsize=(6.0, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    methods = list(dict.fromkeys(m for m, _, _ in points))
+    for method in methods:
+        xs = sorted({x for m, x, _ in points if m == method})
+        vals = [[v for m, x2, v in points if m == method and x2 == x] for x in xs]
+        mean = [float(np.mean(v)) for v in vals]
+        line = ax.plot(xs, mean, marker="o", label=f"{method} (n={max(len(v) for v in vals)} seeds)")[0]
+        ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    xs_all = sorted({x for _, x, _ in points})
+    ax.set_xticks(xs_all)
+    ax.set_xticklabels([f"{x:g}" for x in xs_all])
+    ax.set_xlabel("labelled training studies per class")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -227,19 +227,20 @@ class EarlyFusionCNN(nn.Module):
     (:class:`~medmap.models.encoders.CNN3DEncoder`, MONAI residual units) on all modalities
     stacked as channels, mean-pooled tokens, a linear head. Against MedMAP it isolates *early*
     fusion (every voxel's sequences seen together from the first convolution) from one
-    encoder per sequence.
+    encoder per sequence. ``pool`` is the token pooling (``mean``; ``max`` for detection of
+    a small finding in a large field of view).
 
     >>> EarlyFusionCNN(4, 3, channels=[4, 8])(torch.zeros(2, 4, 16, 16, 8)).shape
     torch.Size([2, 3])
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64), subunits: int = 2,
-                 dim: int = 64, norm: str = "instance", dropout: float = 0.0) -> None:
+                 dim: int = 64, norm: str = "instance", dropout: float = 0.0, pool: str = "mean") -> None:
         super().__init__()
         from medmap.models.encoders import CNN3DEncoder
 
         self.trunk = CNN3DEncoder(channels=channels, subunits=subunits, dim=dim, norm=norm, dropout=dropout,
-                                  in_channels=in_channels)
+                                  in_channels=in_channels, pool=pool)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -345,6 +346,11 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     splits = labelled_splits(study_list, organ, seed)
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
+    per_class = (cfg.get("data") or {}).get("labels_per_class")
+    if per_class is not None:  # label-efficiency runs: the same studies as stage 2 with this seed
+        from medmap.data.split import labelled_subset
+
+        splits["train"] = labelled_subset(splits["train"], int(per_class), seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")

@@ -15,6 +15,12 @@ stage-1 and stage-2 settings and the grid **rows**. Row kinds:
 * ``drop_modality``: the test evaluation of a finished ``source`` row with each listed
   modality removed in turn (one table row per modality).
 
+A ``medmap`` or ``cnn`` row with ``labels_per_class: N`` trains on N labelled studies per
+class of the train split (drawn with the run's seed, the same studies for every method);
+``curve: NAME`` groups such rows into one line of the label-efficiency plot
+(:func:`medmap.evaluation.plots.label_efficiency_plot`). ``pretrain: {seed: S}`` makes every
+seed start from the one stage-1 run of seed S.
+
 Layout of ``DIR`` (everything a later invocation needs to skip finished work)::
 
     DIR/experiment.yaml                         the resolved experiment config
@@ -183,6 +189,12 @@ class ExperimentGrid:
     def pretrain_dir(self, setting: str, seed: int) -> Path:
         return self.out / "pretrain" / f"{setting}_seed{seed}"
 
+    def pretrain_seed(self, seed: int) -> int:
+        """The stage-1 run a fine-tuning seed starts from: its own seed, or ``pretrain.seed`` when
+        the grid shares one stage-1 run among all seeds (the spread then covers stage 2 only)."""
+        shared = (self.cfg.get("pretrain") or {}).get("seed")
+        return int(seed) if shared is None else int(shared)
+
     def run_dir(self, task: str, row: str, seed: int) -> Path:
         return self.out / "runs" / task / row / f"seed{seed}"
 
@@ -219,6 +231,8 @@ class ExperimentGrid:
         cfg = deep_merge(cfg, (f.get("task_set") or {}).get(task) or {})
         cfg = deep_merge(cfg, row.options.get("set") or {})
         cfg = apply_overrides(cfg, list(row.options.get("overrides") or []))
+        if row.options.get("labels_per_class") is not None:
+            cfg.setdefault("data", {})["labels_per_class"] = int(row.options["labels_per_class"])
         cfg["organ"] = str(self.organ_path(task))
         if self._arch() is not None:
             cfg.setdefault("encoder", {})["arch"] = copy.deepcopy(self._arch())
@@ -235,7 +249,8 @@ class ExperimentGrid:
                                       "precision", "select_metric") if k in t}
         training = {**training, **(row.options.get("training") or {}), "seed": int(seed)}
         return {"organ": ft["organ"], "net": copy.deepcopy(row.options.get("net") or {"name": "DenseNet121"}),
-                "training": training, "data": {"augment": (ft.get("data") or {}).get("augment")},
+                "training": training, "data": {"augment": (ft.get("data") or {}).get("augment"),
+                                               "labels_per_class": row.options.get("labels_per_class")},
                 "run": {"device": self.device}}
 
     # ---------------------------------------------------------------- plan
@@ -282,9 +297,10 @@ class ExperimentGrid:
                     if not selected:
                         continue
                     setting = row.pretrain_setting()
-                    needs = ("data",) + ((f"pretrain:{setting}:{seed}",) if setting else ())
+                    pseed = self.pretrain_seed(seed)
+                    needs = ("data",) + ((f"pretrain:{setting}:{pseed}",) if setting else ())
                     if setting:
-                        needed_pretrain.add((setting, seed))
+                        needed_pretrain.add((setting, pseed))
                     runs.append(self._run_job(task, row, seed, needs))
         for row in self.rows:
             if row.kind != "drop_modality":
@@ -380,7 +396,7 @@ class ExperimentGrid:
 
             if not (d / "metrics" / "finetune_summary.json").is_file():
                 setting = row.pretrain_setting()
-                init = self.pretrain_dir(setting, seed) if setting else None
+                init = self.pretrain_dir(setting, self.pretrain_seed(seed)) if setting else None
                 run_finetuning(self.finetune_config(task, row, seed), self.study_list, d, resume=True, init=init)
             return evaluate_run(d, split="test", n_bootstrap=self.n_bootstrap, device=self.device)
         if row.kind == "cnn":
@@ -390,7 +406,7 @@ class ExperimentGrid:
         if row.kind == "linear_probe":
             from medmap.experiments.baselines import run_linear_probe
 
-            return run_linear_probe(self.pretrain_dir(str(row.pretrain_setting()), seed), self.study_list,
+            return run_linear_probe(self.pretrain_dir(str(row.pretrain_setting()), self.pretrain_seed(seed)), self.study_list,
                                     self.organ_path(task), d, seed=seed, n_bootstrap=self.n_bootstrap,
                                     pool=str(row.options.get("pool", "concat")),
                                     cs=[float(c) for c in row.options.get("cs", (0.01, 0.1, 1.0, 10.0))],
@@ -401,6 +417,29 @@ class ExperimentGrid:
             return run_intensity_baseline(self.study_list, self.organ_path(task), d, seed=seed,
                                           n_bootstrap=self.n_bootstrap, workers=int(row.options.get("workers", 1)))
         raise ConfigError(f"row '{row.name}': kind {row.kind!r} is not a run")  # pragma: no cover
+
+    def label_efficiency_points(self, results: Sequence[RunResult]) -> dict[str, list[tuple[str, float, float]]]:
+        """Per task, ``(curve, labelled studies per class, balanced accuracy)`` of every finished run of
+        a row with a ``curve``; a row without ``labels_per_class`` sits at the train split's mean count
+        per class."""
+        rows = {r.name: r for r in self.rows if r.options.get("curve")}
+        out: dict[str, list[tuple[str, float, float]]] = {}
+        full: dict[str, float] = {}
+        for res in results:
+            row = rows.get(res.row)
+            score = res.metrics.get("balanced_accuracy")
+            if row is None or score is None:
+                continue
+            x = row.options.get("labels_per_class")
+            if x is None:
+                if res.task not in full:
+                    from medmap.experiments.baselines import labelled_splits
+
+                    organ = self.organ_config(res.task)
+                    full[res.task] = len(labelled_splits(self.study_list, organ, 0)["train"]) / organ.num_classes
+                x = full[res.task]
+            out.setdefault(res.task, []).append((str(row.options["curve"]), float(x), float(score)))
+        return out
 
     def results(self) -> list[RunResult]:
         """Every finished run of the whole grid (``only`` ignored), in row order."""
@@ -602,7 +641,17 @@ def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[i
     """(Re)write ``results.md``, ``results.csv`` and ``runs.csv`` from every finished run in ``out``."""
     grid = ExperimentGrid(cfg, out, seeds)
     notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
-    return write_tables(grid.results(), grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
+    results = grid.results()
+    paths = write_tables(results, grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
+    curves = grid.label_efficiency_points(results)
+    for task, points in curves.items():
+        from medmap.evaluation.plots import label_efficiency_plot
+
+        organ = grid.organ_config(task)
+        paths[f"label_efficiency_{task}"] = label_efficiency_plot(
+            points, grid.out / f"label_efficiency_{task}.png", title=f"{task}: label efficiency (test split)",
+            chance=1.0 / organ.num_classes)
+    return paths
 
 
 def _append_timing(path: Path, key: str, seconds: float) -> None:

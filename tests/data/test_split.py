@@ -76,3 +76,19 @@ def test_ensure_splits_rejects_a_leak_and_bad_fractions():
         assign_splits(_studies(4), fractions=(0.5, 0.2, 0.2))
     with pytest.raises(ConfigError, match="three numbers"):
         assign_splits(_studies(4), fractions=(0.5, 0.5))
+
+
+def test_labelled_subset_draws_per_class_independent_of_order():
+    from medmap.data.split import labelled_subset
+
+    studies = [Study(f"s{i:02d}", f"P{i}", "liver", {"t1": Path("/x")}, label=f"c{i % 3}") for i in range(30)]
+    studies.append(Study("unlabelled", "PU", "liver", {"t1": Path("/x")}))
+    a = labelled_subset(studies, 2, seed=0)
+    assert Counter(s.label for s in a) == Counter({"c0": 2, "c1": 2, "c2": 2})
+    b = labelled_subset(list(reversed(studies)), 2, seed=0)
+    assert {s.study_id for s in a} == {s.study_id for s in b}
+    assert {s.study_id for s in labelled_subset(studies, 2, seed=1)} != {s.study_id for s in a}
+    assert len(labelled_subset(studies, 50, seed=0)) == 30  # a class with fewer keeps all of them
+    assert labelled_subset(studies, None) == studies
+    with pytest.raises(StudyListError, match="at least 1"):
+        labelled_subset(studies, 0)

@@ -235,3 +235,66 @@ def test_ablation_switches_defaults_and_validation():
     assert ablation_switches({"ablation": {"pretrained": False}})["pretrained"] is False
     with pytest.raises(ConfigError, match="true or false"):
         ablation_switches({"ablation": {"cct": "no"}})
+
+
+FUSION_OPTIONS = [
+    {"token_positions": True},
+    {"cct": {"layers": 1, "self_attention": True}},
+    {"token_fusion": "location"},
+    {"token_positions": True, "token_fusion": "location", "cct": {"layers": 1, "self_attention": True}},
+]
+
+
+@pytest.mark.parametrize("options", FUSION_OPTIONS, ids=["positions", "self_attention", "location", "all"])
+def test_fusion_options_keep_missing_modalities_out(options):
+    """Token positions, CCT self-attention and per-location fusion: an absent modality still
+    cannot change any output, and a study predicts the same alone or in a batch."""
+    organ = make_organ(3)
+    cfg = make_run_config()
+    cfg["model"] = {**cfg["model"], **options}
+    torch.manual_seed(0)
+    model = build_medmap_classifier(organ, cfg, TEXT_DIM).eval()
+    bank = make_bank(organ)
+    present = torch.tensor([[True, False, True], [True, True, True]])
+    images, present, _ = make_batch(organ, b=2, present=present)
+    noisy = images.clone()
+    noisy[0, 1] = float("nan")
+    with torch.no_grad():
+        a, b = model(images, present, bank), model(noisy, present, bank)
+        alone = model(images[:1], present[:1], bank)
+    assert torch.equal(a["probs"], b["probs"]) and torch.isfinite(b["probs"]).all()
+    assert torch.allclose(a["logits_cls"][0], alone["logits_cls"][0], atol=1e-5)
+    if options.get("token_fusion") == "location":
+        assert a["pool_weights"].shape == (2, 12)  # one visual token per cell of the 2 x 2 x 3 grid
+
+
+def test_csa_in_one_call_equals_one_call_per_modality():
+    """CSA runs every modality's tokens in one batched call; the result is that of separate calls."""
+    organ = make_organ(3)
+    model = _model(organ).eval()
+    bank = make_bank(organ)
+    images, present, _ = make_batch(organ, b=3, present=torch.ones(3, 3, dtype=torch.bool))
+    class_tokens, modality_tokens = model.project_text(bank)
+    with torch.no_grad():
+        encoded = model._encode(images, present)
+        batched = model._aggregate(encoded, class_tokens, modality_tokens)
+        for name, (mi, _, z, grid) in encoded.items():
+            one = model.csa(z, grid, mi, class_tokens, modality_tokens)
+            assert torch.allclose(batched[name], one, atol=1e-5), name
+
+
+def test_grid_positions_tell_centre_from_rim():
+    from medmap.models.positions import GridPositionEmbedding, grid_coordinates
+
+    xyz = grid_coordinates((3, 3, 2))
+    assert xyz.shape == (18, 3) and xyz[8, :2].tolist() == [0.0, 0.0] and xyz[0].tolist() == [-1.0, -1.0, -1.0]
+    pos = GridPositionEmbedding(dim=8)
+    assert torch.equal(pos((3, 3, 2)), torch.zeros(18, 8))  # starts as a no-op
+    torch.nn.init.normal_(pos.net[2].weight)
+    emb = pos((3, 3, 2))
+    assert not torch.allclose(emb[8], emb[0])
+
+
+def test_token_fusion_is_checked():
+    with pytest.raises(ConfigError, match="token_fusion must be one of sequence, location"):
+        MedMAPModelConfig(token_fusion="voxel")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -163,7 +163,7 @@ def _init_worker() -> None:
 def generate(
     out: str | Path,
     organs: Iterable[str],
-    n: int,
+    n: int | Mapping[str, int],
     seed: int = 0,
     config: dict[str, Any] | None = None,
     workers: int | None = None,
@@ -174,7 +174,7 @@ def generate(
     Args:
         out: output folder (created).
         organs: any of ``brain``, ``liver``.
-        n: number of studies per organ.
+        n: number of studies per organ, or organ -> number.
         seed: run seed; the same seed and config give byte-identical files.
         config: synth config (:func:`load_synth_config`); default when ``None``.
         workers: worker processes (default: the config's ``workers``); 1 runs in-process.
@@ -189,15 +189,18 @@ def generate(
     bad = [o for o in organs if o not in ORGANS]
     if bad:
         raise ConfigError(f"unknown organ(s) {bad}; choose from {list(ORGANS)} or 'all'")
-    if n < 1:
-        raise ConfigError(f"--n must be at least 1, got {n}")
+    counts = {o: int(n[o]) if isinstance(n, Mapping) and o in n else n for o in organs}
+    if isinstance(n, Mapping) and set(organs) - set(n):
+        raise ConfigError(f"no study count for organ(s) {sorted(set(organs) - set(n))}")
+    if any(not isinstance(c, int) or c < 1 for c in counts.values()):
+        raise ConfigError(f"--n must be at least 1 per organ, got {n}")
     cfg = config if config is not None else load_synth_config()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     strata: list[str] = []
     for organ in organs:
-        for index, (label, subtype) in enumerate(assign_labels(organ, n, seed, cfg)):
+        for index, (label, subtype) in enumerate(assign_labels(organ, counts[organ], seed, cfg)):
             jobs.append((organ, index, int(seed), label, subtype, cfg[organ], str(out)))
             strata.append(f"{organ}|{label}|{subtype or ''}")
     workers = int(workers if workers is not None else cfg.get("workers", 2))
