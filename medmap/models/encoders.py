@@ -265,26 +265,44 @@ class CNN3DEncoder(nn.Module):
         self.dim = dim
         layers: list[nn.Module] = []
         in_ch = int(in_channels)
+        self.stage_channels: list[int] = []  # output channels after each stage (see stage_bounds)
+        self.stage_bounds: list[int] = []    # index into `stages` after which a stage ends
         if stem_patch > 1:
             # Patchify stem (kernel = stride): on CPU, full-resolution 3x3x3 convolutions dominate
             # the cost of a 3D CNN; a non-overlapping patch embedding cuts it by ~stem_patch^3.
             layers += [PatchEmbed3d(in_ch, stem_channels, stem_patch),
                        Convolution(3, stem_channels, stem_channels, kernel_size=1, norm=norm, act="gelu", conv_only=False)]
             in_ch = stem_channels
+            self.stage_channels.append(in_ch)
+            self.stage_bounds.append(len(layers))
         for ch in channels:
             layers.append(
                 ResidualUnit(3, in_ch, int(ch), strides=2, subunits=subunits, norm=norm, dropout=dropout or None)
             )
             in_ch = int(ch)
+            self.stage_channels.append(in_ch)
+            self.stage_bounds.append(len(layers))
         self.stages = nn.Sequential(*layers)
         self.stride = stem_patch * 2 ** len(channels)
         self.to_tokens = nn.Conv3d(in_ch, dim, kernel_size=1)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor) -> EncoderOutput:
-        tokens, grid = _grid_tokens(self.to_tokens(self.stages(x)))
+    def run_stage(self, i: int, x: Tensor) -> Tensor:
+        """Stage ``i`` alone (``stage_channels[i]`` output channels), for models that let the
+        encoders of several sequences exchange features between stages."""
+        start = self.stage_bounds[i - 1] if i else 0
+        for layer in self.stages[start : self.stage_bounds[i]]:
+            x = layer(x)
+        return x
+
+    def tokens_from(self, features: Tensor) -> EncoderOutput:
+        """Tokens, grid and pooled vector from the last stage's feature map."""
+        tokens, grid = _grid_tokens(self.to_tokens(features))
         tokens = self.norm(tokens)
         return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
+
+    def forward(self, x: Tensor) -> EncoderOutput:
+        return self.tokens_from(self.stages(x))
 
 
 ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder}

@@ -42,6 +42,7 @@ from medmap.config import OrganConfig
 from medmap.errors import CheckpointError, ConfigError, MedMAPError
 from medmap.models.cct import POOLINGS, CrossCognitionTransformer
 from medmap.models.csa import CrossModalSemanticAggregation
+from medmap.models.exchange import CrossSequenceExchange
 from medmap.models.positions import GridPositionEmbedding
 
 PREDICTION_MODES = ("avg", "cls", "sim")
@@ -59,7 +60,8 @@ class MedMAPModelConfig:
         use_csa: ``False`` = ablation "no CSA": a linear map + modality embedding per token.
         csa_conv_blocks: FiLM conv blocks in the CSA local stream.
         csa_transformer_blocks: transformer blocks in the CSA global stream.
-        use_cct: ``False`` = ablation "no CCT": masked mean per modality, concatenate, MLP.
+        use_cct: ``False`` = ablation "no CCT": each modality's tokens pooled (mean, or
+            channel-wise max with ``pooling: max``), concatenated, MLP.
         cct_layers: number of two-way CCT layers ``L``.
         pooling: ``mean``, ``attention`` or ``max`` pooling of the CCT visual tokens into ``v*``.
         use_text: ``False`` = ablation "no text": no text bank, no similarity head; CSA runs
@@ -76,6 +78,10 @@ class MedMAPModelConfig:
             with the presence flags, and projected to one visual token per cell, so CCT sees
             ``N`` tokens that each describe one place in every sequence; needs the sequences'
             token grids to coincide, as they do for lesion patches and co-registered volumes).
+        sequence_exchange: after every stage of the (CNN) encoders, each sequence's feature
+            map receives a zero-initialised 1x1x1 projection of all present sequences' maps
+            (:class:`~medmap.models.exchange.CrossSequenceExchange`), so that the sequences
+            meet at every scale while each keeps its own encoder.
     """
 
     num_heads: int = 4
@@ -94,6 +100,7 @@ class MedMAPModelConfig:
     token_positions: bool = False
     cct_self_attention: bool = False
     token_fusion: str = "sequence"
+    sequence_exchange: bool = False
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_MODES:
@@ -116,7 +123,7 @@ class MedMAPModelConfig:
         csa = dict(model.pop("csa", None) or {})
         cct = dict(model.pop("cct", None) or {})
         known = {"num_heads", "mlp_ratio", "dropout", "pooling", "prediction", "tau_init", "tau_max", "token_positions",
-                 "token_fusion"}
+                 "token_fusion", "sequence_exchange"}
         extra = set(model) - known
         if extra:
             raise ConfigError(f"unknown keys in the 'model' section: {sorted(extra)}")
@@ -244,6 +251,12 @@ class MedMAPClassifier(nn.Module):
             )
 
         self.positions = GridPositionEmbedding(d) if cfg.token_positions else None
+        self.exchange: CrossSequenceExchange | None = None
+        if cfg.sequence_exchange:
+            first = encoders.encoder_for(self.modalities[0])
+            if not hasattr(first, "run_stage"):
+                raise ConfigError("model.sequence_exchange needs CNN encoders (encoder.arch type: cnn)")
+            self.exchange = CrossSequenceExchange(first.stage_channels, m)
         self.location_fusion: nn.Sequential | None = None
         if cfg.token_fusion == "location" and cfg.use_cct:
             self.location_fusion = nn.Sequential(nn.LayerNorm(m * d + m), nn.Linear(m * d + m, d))
@@ -299,11 +312,31 @@ class MedMAPClassifier(nn.Module):
     # ------------------------------------------------------------------ forward
     def _encode(self, images: Tensor, present: Tensor) -> dict[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]]:
         """``E_m`` of each modality on the studies that have it: name -> (index m, rows, tokens Z_m, grid)."""
+        if self.exchange is not None:
+            return self._encode_exchanging(images, present)
         out = {}
         for mi, name in enumerate(self.modalities):
             idx = present[:, mi].nonzero(as_tuple=True)[0]
             if idx.numel():
                 enc = self.encoders(images[idx, mi : mi + 1], modality=name)
+                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid))
+        return out  # type: ignore[return-value]
+
+    def _encode_exchanging(self, images: Tensor, present: Tensor) -> dict[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]]:
+        """As :meth:`_encode`, stage by stage for every study, with the cross-sequence exchange
+        between stages (an absent sequence is computed on its zero image and masked out)."""
+        assert self.exchange is not None
+        encoders = [self.encoders.encoder_for(name) for name in self.modalities]
+        # an absent sequence's image is never read: its encoder sees zeros
+        feats = [torch.where(present[:, mi, None, None, None, None], images[:, mi : mi + 1], 0.0)
+                 for mi in range(len(self.modalities))]
+        for stage in range(len(encoders[0].stage_channels)):
+            feats = self.exchange(stage, [enc.run_stage(stage, f) for enc, f in zip(encoders, feats)], present)
+        out = {}
+        for mi, name in enumerate(self.modalities):
+            idx = present[:, mi].nonzero(as_tuple=True)[0]
+            if idx.numel():
+                enc = encoders[mi].tokens_from(feats[mi][idx])
                 out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid))
         return out  # type: ignore[return-value]
 
@@ -384,7 +417,8 @@ class MedMAPClassifier(nn.Module):
                 continue
             a, idx = aggregated[name], index_out[name]
             if self.fusion_mlp is not None:
-                per_modality_pooled.append(a.new_zeros(b, self.dim).index_copy(0, idx, a.mean(dim=1)))
+                pooled = a.amax(dim=1) if self.cfg.pooling == "max" else a.mean(dim=1)
+                per_modality_pooled.append(a.new_zeros(b, self.dim).index_copy(0, idx, pooled))
             else:
                 pad = torch.ones(b, a.shape[1], dtype=torch.bool, device=a.device)
                 pad[idx] = False

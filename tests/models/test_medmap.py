@@ -241,11 +241,13 @@ FUSION_OPTIONS = [
     {"token_positions": True},
     {"cct": {"layers": 1, "self_attention": True}},
     {"token_fusion": "location"},
-    {"token_positions": True, "token_fusion": "location", "cct": {"layers": 1, "self_attention": True}},
+    {"sequence_exchange": True},
+    {"token_positions": True, "token_fusion": "location", "sequence_exchange": True,
+     "cct": {"layers": 1, "self_attention": True}},
 ]
 
 
-@pytest.mark.parametrize("options", FUSION_OPTIONS, ids=["positions", "self_attention", "location", "all"])
+@pytest.mark.parametrize("options", FUSION_OPTIONS, ids=["positions", "self_attention", "location", "exchange", "all"])
 def test_fusion_options_keep_missing_modalities_out(options):
     """Token positions, CCT self-attention and per-location fusion: an absent modality still
     cannot change any output, and a study predicts the same alone or in a batch."""
@@ -298,3 +300,33 @@ def test_grid_positions_tell_centre_from_rim():
 def test_token_fusion_is_checked():
     with pytest.raises(ConfigError, match="token_fusion must be one of sequence, location"):
         MedMAPModelConfig(token_fusion="voxel")
+
+
+def test_sequence_exchange_starts_as_separate_encoders_and_then_mixes():
+    """Zero-initialised, the exchange leaves every encoder as it was (stage-1 weights act
+    unchanged); once trained, a sequence's tokens depend on the other sequences."""
+    organ = make_organ(3)
+    cfg = make_run_config()
+    plain = build_medmap_classifier(organ, cfg, TEXT_DIM).eval()
+    cfg["model"] = {**cfg["model"], "sequence_exchange": True}
+    mixed = build_medmap_classifier(organ, cfg, TEXT_DIM).eval()
+    mixed.load_state_dict({**plain.state_dict(), **{k: v for k, v in mixed.state_dict().items() if k.startswith("exchange.")}})
+    bank = make_bank(organ)
+    images, present, _ = make_batch(organ, b=2, present=torch.ones(2, 3, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.allclose(plain(images, present, bank)["probs"], mixed(images, present, bank)["probs"], atol=1e-6)
+        for conv in mixed.exchange.mix:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+        other = images.clone()
+        other[:, 1] = torch.randn_like(other[:, 1])
+        a, b = mixed(images, present, bank)["tokens"]["m0"], mixed(other, present, bank)["tokens"]["m0"]
+    assert not torch.allclose(a, b)  # m0's tokens now see m1
+
+
+def test_sequence_exchange_needs_cnn_encoders():
+    organ = make_organ(2)
+    cfg = make_run_config()
+    cfg["encoder"] = {"arch": {"type": "vit", "dim": 16, "depth": 1, "heads": 2, "patch_size": 4, "stem_channels": 0}}
+    cfg["model"] = {**cfg["model"], "sequence_exchange": True}
+    with pytest.raises(ConfigError, match="sequence_exchange needs CNN encoders"):
+        build_medmap_classifier(organ, cfg, TEXT_DIM)
