@@ -34,72 +34,90 @@ def _stage(name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmap.data.synth.generate import generate, load_synth_config
-    from medmap.data.validate import validate_study_list
-    from medmap.engines.evaluate import evaluate_run
-    from medmap.engines.finetune import run_finetuning
-    from medmap.engines.pretrain import run_pretraining
-    from medmap.engines.common import find_checkpoint
-    from medmap.errors import MedMAPError
-
     cfg = load_config(args.config, "demo", args.overrides)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    seed = int(cfg.get("seed", 0))
 
-    _stage("1/5 generate MedMoM-Synth")
     t = time.time()
-    data_dir = out / "data"
+    study_list = _synthesise(cfg, out / "data")
+    timings["synth"] = time.time() - t
+
+    rows: list[dict[str, Any]] = []
+    tasks = cfg["tasks"]
+    for i, (task, tcfg) in enumerate(tasks.items(), start=1):
+        rows.append(_run_task(task, tcfg, cfg["evaluate"], study_list, out, f"{i}/{len(tasks)}", timings))
+
+    print("\n" + summary_table(rows))
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print("reports and plots:")
+    for r in rows:
+        print(f"  {r['task']}: {r['dir']}/report.md  (confusion_matrix.png, roc.png, reliability.png)")
+        print(f"  {r['task']} stage 1: {r['pretrain_dir'] / 'metrics'}")
+    return 0
+
+
+def _synthesise(cfg: dict[str, Any], data_dir: Path) -> Path:
+    """Generate the demo's MedMoM-Synth set (once) and validate it."""
+    from medmap.data.synth.generate import generate, load_synth_config
+    from medmap.data.validate import validate_study_list
+    from medmap.errors import MedMAPError
+
+    _stage("generate MedMoM-Synth")
     study_list = data_dir / "studies.jsonl"
     scfg = cfg["synth"]
+    n = scfg["n"]
+    n = {k: int(v) for k, v in n.items()} if isinstance(n, dict) else int(n)
     if not study_list.is_file():
-        generate(data_dir, scfg["organs"], int(scfg["n"]), seed=seed,
+        generate(data_dir, scfg["organs"], n, seed=int(cfg.get("seed", 0)),
                  config=load_synth_config(scfg.get("config"), scfg.get("overrides") or []))
     else:
         print(f"reusing {study_list}")
-    timings["synth"] = time.time() - t
-
-    _stage("2/5 validate the study list")
+    _stage("validate the study list")
     problems = validate_study_list(study_list)
     if problems:
         for p in problems:
             print(p)
         raise MedMAPError(f"{len(problems)} problem(s) in {study_list}")
     print(f"{study_list}: OK")
+    return study_list
 
-    _stage("3/5 stage 1: modality-aware contrastive pre-training (both organs)")
+
+def _run_task(task: str, tcfg: dict[str, Any], ecfg: dict[str, Any], study_list: Path, out: Path,
+              step: str, timings: dict[str, float]) -> dict[str, Any]:
+    """Stage 1, stage 2 (selected on val), the test split, and the intensity baseline for one task."""
+    from medmap.engines.common import find_checkpoint
+    from medmap.engines.evaluate import evaluate_run
+    from medmap.engines.finetune import run_finetuning
+    from medmap.engines.pretrain import run_pretraining
+    from medmap.experiments.baselines import run_intensity_baseline
+
+    _stage(f"{step} {task}: stage 1, modality-aware contrastive pre-training")
     t = time.time()
-    pre_dir = out / "pretrain"
-    pcfg = load_config(cfg["pretrain"]["config"], "pretrain", cfg["pretrain"].get("overrides") or [])
+    pre_dir = out / f"pretrain_{task}"
+    pcfg = load_config(tcfg["pretrain"]["config"], "pretrain", tcfg["pretrain"].get("overrides") or [])
     if find_checkpoint(pre_dir, "best") is None:
         run_pretraining(pcfg, study_list, pre_dir, resume=find_checkpoint(pre_dir, "last") is not None)
     pre_metrics = _read_json(next(iter(sorted((pre_dir / "metrics").glob("pretrain_*.json"))), None))
-    timings["pretrain"] = time.time() - t
+    timings[f"pretrain_{task}"] = time.time() - t
 
-    rows: list[dict[str, Any]] = []
-    for organ in ("brain", "liver"):
-        _stage(f"4/5 stage 2: fine-tune {organ} (CSA + CCT + KL), select on val")
-        t = time.time()
-        fcfg_sec = cfg["finetune"][organ]
-        fcfg = load_config(fcfg_sec["config"], "finetune", fcfg_sec.get("overrides") or [])
-        run_dir = out / f"finetune_{organ}"
-        if find_checkpoint(run_dir, "best") is None or not (run_dir / "metrics" / "finetune_summary.json").is_file():
-            run_finetuning(fcfg, study_list, run_dir, resume=find_checkpoint(run_dir, "last") is not None, init=pre_dir)
-        timings[f"finetune_{organ}"] = time.time() - t
-        _stage(f"5/5 evaluate {organ} on the {cfg['evaluate']['split']} split")
-        t = time.time()
-        m = evaluate_run(run_dir, split=cfg["evaluate"]["split"], n_bootstrap=int(cfg["evaluate"]["bootstrap"]))
-        timings[f"evaluate_{organ}"] = time.time() - t
-        rows.append({"organ": organ, "n": m["n"], "classes": len(m["class_names"]), "m": m, "dir": m["output_dir"]})
+    _stage(f"{step} {task}: stage 2, fine-tune (CSA + CCT + KL), select on val")
+    t = time.time()
+    fcfg = load_config(tcfg["finetune"]["config"], "finetune", tcfg["finetune"].get("overrides") or [])
+    run_dir = out / f"finetune_{task}"
+    if find_checkpoint(run_dir, "best") is None or not (run_dir / "metrics" / "finetune_summary.json").is_file():
+        run_finetuning(fcfg, study_list, run_dir, resume=find_checkpoint(run_dir, "last") is not None, init=pre_dir)
+    timings[f"finetune_{task}"] = time.time() - t
 
-    print("\n" + summary_table(rows, pre_metrics))
-    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    print("reports and plots:")
-    for r in rows:
-        print(f"  {r['organ']}: {r['dir']}/report.md  (confusion_matrix.png, roc.png, reliability.png)")
-    print(f"  pre-training: {pre_dir / 'metrics'}")
-    return 0
+    _stage(f"{step} {task}: evaluate on the {ecfg['split']} split, with the intensity baseline")
+    t = time.time()
+    n_boot = int(ecfg["bootstrap"])
+    m = evaluate_run(run_dir, split=ecfg["split"], n_bootstrap=n_boot)
+    base = run_intensity_baseline(study_list, run_dir / "organ.yaml", out / f"intensity_{task}",
+                                  seed=int(fcfg["training"]["seed"]), n_bootstrap=n_boot)
+    timings[f"evaluate_{task}"] = time.time() - t
+    return {"task": task, "m": m, "baseline": base, "pre": pre_metrics, "dir": m["output_dir"],
+            "pretrain_dir": pre_dir}
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
@@ -116,21 +134,20 @@ def _fmt(m: dict[str, Any], key: str) -> str:
     return f"{v:.3f}" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
-def summary_table(rows: list[dict[str, Any]], pre: dict[str, Any]) -> str:
-    """A Markdown table of the test results (95% bootstrap CIs) and stage-1 retrieval."""
-    lines = ["| task | n test | chance | accuracy | balanced acc. | macro AUC | macro F1 |",
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the test results (95% bootstrap CIs) next to chance and the
+    intensity-statistics baseline, and each task's stage-1 retrieval against chance."""
+    lines = ["| task | n test | chance | MedMAP balanced acc. | intensity baseline | MedMAP macro AUC | MedMAP macro F1 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = r["m"]
-        lines.append(f"| {r['organ']} ({r['classes']} classes) | {r['n']} | {1 / r['classes']:.3f} | {_fmt(m, 'accuracy')} | "
-                     f"{_fmt(m, 'balanced_accuracy')} | {_fmt(m, 'macro_auc')} | {_fmt(m, 'macro_f1')} |")
-    if pre:
-        r1 = pre.get("mean_v2t_R@1")
-        c1 = pre.get("mean_v2t_R@1_chance")
-        r5 = pre.get("mean_v2t_R@5")
-        c5 = pre.get("mean_v2t_R@5_chance")
-        if r1 is not None:
+        m, k = r["m"], len(r["m"]["class_names"])
+        lines.append(f"| {r['task']} ({k} classes) | {m['n']} | {1 / k:.3f} | {_fmt(m, 'balanced_accuracy')} | "
+                     f"{_fmt(r['baseline'], 'balanced_accuracy')} | {_fmt(m, 'macro_auc')} | {_fmt(m, 'macro_f1')} |")
+    for r in rows:
+        pre = r.get("pre") or {}
+        if pre.get("mean_v2t_R@5") is not None:
             lines.append("")
-            lines.append(f"stage 1, held-out volume-to-text retrieval (mean over modalities): "
-                         f"R@1 {r1:.3f} (chance {c1 or 0:.3f}), R@5 {r5:.3f} (chance {c5 or 0:.3f})")
+            lines.append(f"{r['task']} stage 1, held-out volume-to-text retrieval (mean over sequences): "
+                         f"R@1 {pre['mean_v2t_R@1']:.3f} (chance {pre.get('mean_v2t_R@1_chance') or 0:.3f}), "
+                         f"R@5 {pre['mean_v2t_R@5']:.3f} (chance {pre.get('mean_v2t_R@5_chance') or 0:.3f})")
     return "\n".join(lines)

@@ -237,6 +237,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     precision = str(tcfg.get("precision", "auto"))
     select = str(tcfg.get("select_metric", "balanced_accuracy"))
     ckpt_every = max(1, int(tcfg.get("ckpt_every", 1)))
+    val_every = max(1, int(tcfg.get("val_every", 1)))
     ckpt_every_steps = int(tcfg.get("ckpt_every_steps", 0) or 0)
     num_workers = int(rcfg.get("num_workers", 0))
     grad_clip = float(tcfg.get("grad_clip", 0) or 0)
@@ -275,8 +276,8 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
                 barrier(info)
             if step >= total_steps:
                 break
-        # ---- end of epoch: validation + model selection (rank 0), checkpoints
-        if info.is_main:
+        # ---- end of epoch: validation + model selection (rank 0, every val_every epochs and the last), checkpoints
+        if info.is_main and ((epoch + 1) % val_every == 0 or step >= total_steps):
             y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
                                             bank, info.device, precision)
             m = compute_metrics(y, p, organ.classes, n_bootstrap=0)
@@ -289,9 +290,9 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
                 best_score, best_epoch = score, epoch
                 save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
                                 extra={"best_score": best_score, "metric": select, "best_epoch": epoch})
-            if (epoch + 1) % ckpt_every == 0 or step >= total_steps:
-                save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
-                                config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
+        if info.is_main and ((epoch + 1) % ckpt_every == 0 or step >= total_steps):
+            save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
+                            config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
         barrier(info)
     bar.close()
     summary: dict[str, Any] = {}

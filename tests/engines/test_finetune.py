@@ -70,6 +70,17 @@ def test_finetune_refuses_an_existing_run_and_a_mismatched_init(data: Path, ft_r
         run_finetuning(_ft_cfg(data), data, tmp_path / "y", init=tmp_path)
 
 
+def test_val_every_validates_on_schedule_and_at_the_end(data: Path, tmp_path: Path) -> None:
+    import csv
+
+    out = tmp_path / "run"
+    run_finetuning(_ft_cfg(data, **{"training.epochs": 3, "training.val_every": 2}), data, out)
+    with (out / "log.csv").open() as f:
+        epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("epoch")]
+    assert epochs == [1, 2]  # validated after epochs 2 and 3 (0-based 1, 2), not after epoch 1
+    assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
 def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _ft_cfg(data, **{"training.ckpt_every_steps": 2})
     out = tmp_path / "run"

@@ -220,3 +220,17 @@ def test_rendered_tables() -> None:
     vals = dict(zip(head, lines[1].split(",")))
     assert vals["accuracy_mean"] == "0.700000" and vals["accuracy_std"] == "0.141421"
     assert vals["accuracy_ci_low"] == "0.550000" and vals["seeds"] == "0 1" and vals["macro_auc_mean"] == ""
+
+
+@pytest.mark.parametrize("name", ["paper_grid", "liver_lesion", "tiny"])
+def test_every_built_in_experiment_plans(tmp_path: Path, name: str) -> None:
+    cfg = load_experiment_config(name)
+    grid = ExperimentGrid(cfg, tmp_path)
+    keys = [j.key for j in grid.jobs()]
+    assert keys[0] == "data" and any(k.startswith("run:") for k in keys)
+    for task in cfg["tasks"]:  # every medmap row builds its stage-2 config, with its label budget
+        for row in grid.rows:
+            if row.kind == "medmap":
+                ft = grid.finetune_config(task, row, 3)
+                assert ft["training"]["seed"] == 3
+                assert (ft.get("data") or {}).get("labels_per_class") == row.options.get("labels_per_class")
