@@ -84,11 +84,15 @@ def load_text_bank(run_dir: str | Path) -> StoredTextBank:
     path = Path(run_dir) / TEXT_BANK_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {TEXT_BANK_FILE}; is it a fine-tuning run folder?")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    t = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt text bank ({str(e).splitlines()[0][:120]}); "
+                              "re-run the fine-tuning or copy the run folder again") from e
     return StoredTextBank(
         classes=json.loads(meta.get("classes", "[]")),
         modalities=json.loads(meta.get("modalities", "[]")),

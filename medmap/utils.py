@@ -110,8 +110,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision in ("fp16", "float16", "16"):
         return torch.float16
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # float16 would need a gradient scaler; without bf16, train in float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         return torch.bfloat16 if bf16_is_fast_on_cpu() else None
     raise ValueError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
 

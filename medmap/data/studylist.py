@@ -271,10 +271,12 @@ def iter_study_lines(path: str | Path) -> Iterator[tuple[int, Study | StudyListE
     if not path.is_file():
         raise StudyListError(f"study list not found: {path}")
     base = path.resolve().parent
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise StudyListError(f"{path}: not a UTF-8 text file ({e})") from e
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise StudyListError(f"{path}:{lineno}: not UTF-8 text ({e.reason}); save the study list as UTF-8") from e
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -72,6 +73,35 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+#: Largest volume (voxels) read without an explicit raise: 2^28 voxels, 1 GiB as float32.
+#: ``MEDMAP_MAX_VOXELS`` changes it for unusually large acquisitions.
+DEFAULT_MAX_VOXELS = 1 << 28
+
+
+def _check_header(path: Path, img: nib.Nifti1Image) -> None:
+    """Header checks made before any voxel is read: size limit, file size, voxel sizes."""
+    hdr = img.header
+    n_vox = int(np.prod([int(d) for d in img.shape], dtype=np.int64))
+    limit = int(os.environ.get("MEDMAP_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+    if n_vox > limit:
+        raise VolumeError(f"{path}: the header claims {tuple(int(d) for d in img.shape)} = {n_vox:,} voxels, more than "
+                          f"the limit of {limit:,} (set MEDMAP_MAX_VOXELS to raise it); refusing to read it")
+    if not path.name.endswith(".gz"):
+        need = int(hdr.get("vox_offset", 0)) + n_vox * np.dtype(hdr.get_data_dtype()).itemsize
+        if path.stat().st_size < need:
+            raise VolumeError(f"{path}: truncated or corrupt: {path.stat().st_size:,} bytes, its header needs {need:,}")
+    if int(hdr["qform_code"]) or int(hdr["sform_code"]):
+        return
+    from nibabel.openers import ImageOpener  # noqa: PLC0415
+
+    with ImageOpener(str(path)) as f:  # nibabel's loader silently turns a zero voxel size into 1 mm
+        raw = type(hdr).from_fileobj(f, check=False)
+    zooms = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if np.any(~np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise VolumeError(f"{path}: the header has voxel sizes {zooms.tolist()} and no sform/qform; "
+                          "the voxel grid is unknown")
+
+
 def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Image:
     """Open a NIfTI volume and check that it can be used as one MRI sequence.
 
@@ -107,6 +137,7 @@ def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Im
         raise VolumeError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolumeError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    _check_header(path, img)
     shape = _squeeze_to_3d(img.shape)
     if len(shape) != 3:
         raise VolumeError(f"{path}: not a 3D volume (shape {tuple(img.shape)}); give one 3D volume per modality")

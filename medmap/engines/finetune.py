@@ -284,9 +284,10 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
             score = float(m.get(select) if m.get(select) is not None else -math.inf)
             logger.log(step, {"epoch": epoch, **{f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece")
                                                   if m.get(k) is not None}})
+            improved = score > best_score or best_epoch < 0  # an undefined metric (-inf) still leaves a best
             bar.write(f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}: val {select}={score:.4f} "
-                      f"acc={m['accuracy']:.4f}" + (" (best)" if score > best_score else ""))
-            if score > best_score:
+                      f"acc={m['accuracy']:.4f}" + (" (best)" if improved else ""))
+            if improved:
                 best_score, best_epoch = score, epoch
                 save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
                                 extra={"best_score": best_score, "metric": select, "best_epoch": epoch})

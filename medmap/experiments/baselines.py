@@ -405,7 +405,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
         score = compute_metrics(y, p, organ.classes, n_bootstrap=0).get(select)
         score = -math.inf if score is None else float(score)
         logger.log(step, {"epoch": epoch, f"val_{select}": score})
-        if score > best:
+        if score > best or not (run_dir / "checkpoints" / "best").is_dir():  # undefined metric: keep the first
             best = score
             save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
                             extra={"best_score": best, "metric": select})

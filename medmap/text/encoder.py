@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from medmap.errors import ConfigError
-from medmap.utils import stable_hash
+from medmap.utils import sha256_file, stable_hash
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 
@@ -124,7 +124,7 @@ class FrozenTextEncoder:
 
     @property
     def model_id(self) -> str:
-        """``<folder name>-<12 hex>``: the hash covers the configs and the weight files' sizes.
+        """``<folder name>-<12 hex>``: the hash covers the configs and the weight files' content.
 
         Two copies of the same model in different folders share cache entries; a different
         model (or different weights) never does.
@@ -139,7 +139,7 @@ class FrozenTextEncoder:
             if f.suffix == ".json" or f.name == "vocab.txt":
                 parts[rel] = f.read_text(errors="replace")
             elif f.suffix in (".safetensors", ".bin", ".pt"):
-                parts[rel] = f.stat().st_size
+                parts[rel] = sha256_file(f)  # retrained weights of the same size are another model
         name = "all-MiniLM-L6-v2" if self.path == default_model_path().resolve() else self.path.name
         self._model_id = f"{name}-{stable_hash(parts)[:12]}"
         return self._model_id

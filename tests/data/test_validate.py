@@ -45,6 +45,43 @@ def test_bad_volumes_have_specific_messages(tmp_path, make, message):
     assert str(path.name) in str(err.value)
 
 
+def _header_only(path, shape, zooms=(1.0, 1.0, 1.0), codes=(1, 1)):
+    import gzip
+
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_zooms(zooms)
+    hdr["qform_code"], hdr["sform_code"] = codes
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + np.zeros(min(int(np.prod(shape)), 1000), "<f4").tobytes()
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def test_header_size_is_checked_before_reading_voxels(tmp_path, monkeypatch):
+    import tracemalloc
+
+    path = _header_only(tmp_path / "huge.nii.gz", (1400, 1400, 1400))
+    tracemalloc.start()
+    with pytest.raises(VolumeError, match="more than the limit") as err:
+        check_volume(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6 and "huge.nii.gz" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setenv("MEDMAP_MAX_VOXELS", str(10**9))  # the limit is configurable; then the file is too short
+    with pytest.raises(VolumeError, match="truncated"):
+        check_volume(_header_only(tmp_path / "short.nii", (600, 600, 600)))
+
+
+def test_zero_voxel_size_without_sform_or_qform_is_rejected(tmp_path):
+    path = _header_only(tmp_path / "z.nii", (8, 8, 8), zooms=(0.0, 1.0, 1.0), codes=(0, 0))
+    with pytest.raises(VolumeError, match="no sform/qform"):
+        check_volume(path)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_voxels(tmp_path, bad):
     data = head_volume()
@@ -137,6 +174,16 @@ def test_empty_list(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
     assert [p.message for p in validate_study_list(path)] == ["the study list contains no studies"]
+
+
+def test_non_utf8_study_list_names_the_line(tmp_path):
+    from medmap.data.studylist import read_study_list
+    from medmap.errors import StudyListError
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"study_id": "a"}\n{"study_id": "b"}\n{"study_id": "caf\xe9"}\n')
+    with pytest.raises(StudyListError, match=r"latin1.jsonl:3: not UTF-8"):
+        list(read_study_list(path))
 
 
 def test_a_builtin_organ_variant_name_is_not_an_organ(tmp_path):

@@ -23,6 +23,7 @@ from medmap.engines.common import (
     warmup_cosine_schedule,
 )
 from medmap.errors import CheckpointError
+from medmap.utils import resolve_precision
 
 
 def _setup(seed: int = 0):
@@ -137,6 +138,11 @@ def test_precision_clip_config_and_single_process_setup(tmp_path: Path, monkeypa
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
     with autocast_context("bf16", torch.device("cpu")):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    # no float16 without a gradient scaler: a GPU without bf16 trains in float32 under auto
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
     lin = torch.nn.Linear(4, 4)
     lin(torch.ones(1, 4) * 100).sum().backward()
     before = clip_gradients(lin, 1.0)

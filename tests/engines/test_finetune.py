@@ -81,6 +81,20 @@ def test_val_every_validates_on_schedule_and_at_the_end(data: Path, tmp_path: Pa
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
+def test_an_undefined_selection_metric_still_leaves_a_best_checkpoint(data: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    real = ft.compute_metrics
+
+    def one_class_val(*a, **k):  # noqa: ANN002, ANN003  (AUC is undefined when val holds one class)
+        return {**real(*a, **k), "macro_auc": None}
+
+    monkeypatch.setattr(ft, "compute_metrics", one_class_val)
+    out = tmp_path / "run"
+    summary = run_finetuning(_ft_cfg(data, **{"training.select_metric": "macro_auc", "training.epochs": 1}), data, out)
+    assert (out / "checkpoints" / "best" / "model.safetensors").is_file() and summary["best_epoch"] == 0
+    evaluate_run(out, split="test", n_bootstrap=0)
+
+
 def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _ft_cfg(data, **{"training.ckpt_every_steps": 2})
     out = tmp_path / "run"
@@ -160,6 +174,18 @@ def test_predict_gives_clear_errors(ft_run: Path, data: Path, tmp_path: Path, ca
         predictor.predict({"t1": tmp_path / "missing.nii.gz"})
     with pytest.raises(CheckpointError):
         load_run(tmp_path)
+
+
+def test_truncated_text_bank_is_a_one_line_error(ft_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(ft_run, run, ignore=shutil.ignore_patterns("tb", "last"))
+    bank = run / "text_bank.safetensors"
+    bank.write_bytes(bank.read_bytes()[: bank.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt text bank") as e:
+        load_run(run)
+    assert str(bank) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_predict_with_an_roi_mask_crop(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

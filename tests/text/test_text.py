@@ -35,6 +35,21 @@ def test_default_encoder_embeds_and_is_frozen(encoder: FrozenTextEncoder) -> Non
     assert not encoder.model.training
 
 
+def test_model_id_follows_weight_content_not_size(tmp_path: Path) -> None:
+    import shutil
+
+    src = default_model_path()
+    a, b = tmp_path / "a" / "m", tmp_path / "b" / "m"
+    for d in (a, b):
+        shutil.copytree(src, d, symlinks=False, ignore=shutil.ignore_patterns("*.bin", "*.onnx", "openvino", "onnx"))
+    assert FrozenTextEncoder(a).model_id == FrozenTextEncoder(b).model_id  # same content, other folder
+    weights = next(b.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other weights (the last byte is tensor data)
+    weights.write_bytes(bytes(data))
+    assert FrozenTextEncoder(b).model_id != FrozenTextEncoder(a).model_id
+
+
 def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         FrozenTextEncoder(tmp_path / "nope")
