@@ -101,19 +101,8 @@ def assign_splits(
     return [dataclasses.replace(s, split=patient_split[s.patient_id]) for s in studies]
 
 
-def ensure_splits(
-    studies: Sequence[Study],
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
-) -> list[Study]:
-    """Keep the splits a list already has and assign the missing ones (used by the engines).
-
-    A patient with a split on any of its studies keeps it for all of its studies; patients
-    with no split anywhere are assigned by :func:`assign_splits`.
-
-    Raises:
-        StudyListError: a patient already has studies in two different splits.
-    """
+def _given_splits(studies: Sequence[Study]) -> dict[str, str]:
+    """patient -> the split its studies already have; a patient in two splits is an error."""
     given: dict[str, set[str]] = defaultdict(set)
     for s in studies:
         if s.split is not None:
@@ -122,16 +111,63 @@ def ensure_splits(
     if leaks:
         detail = "; ".join(f"'{p}' in {', '.join(v)}" for p, v in sorted(leaks.items()))
         raise StudyListError(f"patients appear in several splits: {detail}")
+    return {p: next(iter(v)) for p, v in given.items()}
+
+
+def ensure_splits(
+    studies: Sequence[Study],
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> list[Study]:
+    """Keep the splits a list already has and assign the missing ones, stratified (``medmap split``).
+
+    A patient with a split on any of its studies keeps it for all of its studies; patients
+    with no split anywhere are assigned by :func:`assign_splits`. The assignment depends on
+    the set of unassigned studies; the engines use :func:`patient_splits` instead.
+
+    Raises:
+        StudyListError: a patient already has studies in two different splits.
+    """
+    given = _given_splits(studies)
     unassigned = [s for s in studies if s.patient_id not in given]
     # assign_splits keeps the order of its input, so results line up with ``unassigned``
     new_splits = iter(assign_splits(unassigned, fractions, seed) if unassigned else [])
-    out: list[Study] = []
-    for s in studies:
-        if s.patient_id in given:
-            out.append(dataclasses.replace(s, split=next(iter(given[s.patient_id]))))
-        else:
-            out.append(next(new_splits))
-    return out
+    return [dataclasses.replace(s, split=given[s.patient_id]) if s.patient_id in given else next(new_splits)
+            for s in studies]
+
+
+#: Salt of :func:`patient_split`; changing it would move patients between splits.
+PATIENT_SPLIT_SALT = "medmap-split-v1"
+
+
+def patient_split(patient_id: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
+    """The split of a patient whose study list gives none: a salted hash of the patient id alone.
+
+    The same patient lands in the same split in every command, whatever the organ, the label,
+    the training seed or the other studies in the list, so a stage-2 test patient can never
+    have been a stage-1 training patient. Not stratified: use ``medmap split`` for that.
+
+    Example:
+        >>> patient_split("P0001") in ("train", "val", "test")
+        True
+    """
+    f = _check_fractions(fractions)
+    digest = hashlib.sha256(f"{PATIENT_SPLIT_SALT}:{patient_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "little") / 2.0**64
+    if u < f[0]:
+        return SPLITS[0]
+    return SPLITS[1] if u < f[0] + f[1] else SPLITS[2]
+
+
+def patient_splits(studies: Sequence[Study], fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[Study]:
+    """Keep the splits a list already has; give the rest :func:`patient_split` (used by every engine).
+
+    Raises:
+        StudyListError: a patient already has studies in two different splits.
+    """
+    given = _given_splits(studies)
+    return [dataclasses.replace(s, split=given.get(s.patient_id) or patient_split(s.patient_id, fractions))
+            for s in studies]
 
 
 def split_summary(studies: Sequence[Study]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
-from medmap.data.split import ensure_splits
+from medmap.data.split import patient_splits
 from medmap.data.studylist import SPLITS, read_study_list
 from medmap.errors import ConfigError, StudyListError
 from medmap.evaluation.report import evaluate_and_report
@@ -66,9 +66,8 @@ def evaluate_run(
     study_list = Path(data or info.get("study_list", ""))
     if not str(study_list) or not study_list.is_file():
         raise StudyListError(f"study list not found ({study_list or 'none recorded in the run'}); pass --data")
-    seed = int((predictor_config(run_dir).get("training") or {}).get("seed", 0))
     studies = [s for s in read_study_list(study_list, organ=organ.name) if s.label is not None]
-    studies = [s for s in ensure_splits(studies, seed=seed) if s.split == split]
+    studies = [s for s in patient_splits(studies) if s.split == split]
     if drop_modalities:
         studies = [dataclasses.replace(s, modalities={m: p for m, p in s.modalities.items() if m not in drop_modalities})
                    for s in studies]
@@ -91,12 +90,6 @@ def evaluate_run(
     _write_predictions(out / "predictions.csv", ids, y, p, organ.classes)
     metrics["output_dir"] = str(out)
     return metrics
-
-
-def predictor_config(run_dir: Path) -> dict[str, Any]:
-    from medmap.config import load_yaml
-
-    return load_yaml(run_dir / "config.yaml")
 
 
 def _write_predictions(path: Path, ids: list[str], y: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> None:

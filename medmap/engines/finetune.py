@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from medmap.config import load_organ_config, load_yaml
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
-from medmap.data.split import ensure_splits, labelled_subset
+from medmap.data.split import labelled_subset, patient_splits
 from medmap.data.studylist import read_study_list
 from medmap.engines.common import (
     DistInfo,
@@ -58,7 +58,7 @@ from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
 from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
 from medmap.text.prompts import build_text_bank
-from medmap.utils import atomic_write_json, atomic_write_text, seed_everything
+from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
 
 
 def resolve_init_checkpoint(init: str | Path) -> Path:
@@ -135,9 +135,9 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     organ = load_organ_config(cfg["organ"])
     abl = ablation_switches(cfg)
     last = find_checkpoint(run_dir, "last") if resume else None
+    if not resume and find_checkpoint(run_dir, "last") is not None:  # every rank, so none waits for the others
+        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
     if info.is_main:
-        if not resume and find_checkpoint(run_dir, "last") is not None:
-            raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(run_dir, cfg)
         atomic_write_text(run_dir / ORGAN_FILE, yaml.safe_dump(organ.to_dict(), sort_keys=False))
@@ -147,7 +147,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     studies = [s for s in studies if s.label is not None]
     if not studies:
         raise StudyListError(f"{study_list}: no labelled {organ.name} studies")
-    studies = ensure_splits(studies, seed=seed)
+    studies = patient_splits(studies)
     train = [s for s in studies if s.split == "train"]
     val = [s for s in studies if s.split == "val"]
     if not train or not val:
@@ -163,7 +163,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     if acfg and acfg.get("enabled", True):
         from medmap.data.augment import build_augmentation
 
-        augment = build_augmentation(acfg, seed=seed + 7919 * info.rank)
+        augment = build_augmentation(acfg, seed=derive_seed(seed, 7919, info.rank))
     train_ds = StudyDataset(train, organ, cache=pcache, augment=augment)
     val_ds = StudyDataset(val, organ, cache=pcache)
     train_labels = np.array([train_ds.label_index(s) for s in train])
@@ -246,7 +246,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     t0 = time.time()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        seed_everything(seed * 1_000 + epoch * 10 + info.rank)
+        seed_everything(derive_seed(seed, epoch, info.rank))
         model.train()
         running: dict[str, float] = {}
         n_seen = 0

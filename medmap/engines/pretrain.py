@@ -2,7 +2,7 @@
 
 ``medmap pretrain --data STUDY_LIST --config FILE --out RUN_DIR`` runs :func:`run_pretraining`:
 
-1. read the study list, assign missing splits by patient (:func:`medmap.data.split.ensure_splits`);
+1. read the study list, assign missing splits by patient (:func:`medmap.data.split.patient_splits`);
 2. embed every distinct findings text and class prompt **once**, through the on-disk
    :class:`~medmap.text.cache.TextEmbeddingCache` (rank 0 first, the others then read the
    cache); the loop below only looks embeddings up in a :class:`~medmap.text.prompts.TextTable`;
@@ -57,7 +57,7 @@ from medmap.models.pretrain import MedMAPPretrainModel
 from medmap.text.cache import TextEmbeddingCache
 from medmap.text.encoder import FrozenTextEncoder
 from medmap.text.prompts import TextBank, TextTable, build_text_bank
-from medmap.utils import atomic_write_json, atomic_write_text, seed_everything
+from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
 
 
 # --------------------------------------------------------------------------- sampling
@@ -154,19 +154,21 @@ def make_text_cache(cfg: Mapping[str, Any], default_dir: Path, progress: bool = 
 
 def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo) -> PretrainData:
     """Read and split the studies and embed all texts (rank 0 first, others from the cache)."""
-    from medmap.data.split import ensure_splits
+    from medmap.data.split import patient_splits
 
     dcfg = cfg["data"]
     organs = {o.name: o for o in (load_organ_config(x) for x in dcfg["organs"])}
     studies = [s for s in read_study_list(study_list) if s.organ in organs]
     if not studies:
         raise StudyListError(f"{study_list}: no studies of organs {', '.join(organs)}")
-    studies = ensure_splits(studies, seed=int(cfg["training"]["seed"]))
+    studies = patient_splits(studies)
     train = [s for s in studies if s.split == dcfg.get("train_split", "train")]
     split = str(dcfg.get("eval_split", "val"))
     held_out = [s for s in studies if s.split == split]
     if not train:
         raise StudyListError(f"{study_list}: no studies in the training split")
+    train = _with_findings(train, study_list, "training", info.is_main)
+    held_out = _with_findings(held_out, study_list, None, info.is_main)
     default_text_dir = default_cache_root(study_list) / "text"
     texts = study_texts(train) + study_texts(held_out)
     tables: dict[str, Any] = {}
@@ -183,6 +185,22 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
     if not info.is_main:
         build()  # every text is on disk now: no encoder is loaded here
     return PretrainData(organs, train, held_out, split, tables["table"], tables["banks"])
+
+
+def _has_findings(study: Study) -> bool:
+    return any((study.findings or {}).get(m) for m in study.modalities)
+
+
+def _with_findings(studies: list[Study], study_list: str | Path, required: str | None, verbose: bool) -> list[Study]:
+    """Stage 1 pairs each sequence with its findings text: keep the studies that have any."""
+    kept = [s for s in studies if _has_findings(s)]
+    if required and not kept:
+        raise StudyListError(f"{study_list}: none of the {len(studies)} {required} studies has findings; stage 1 "
+                             "pairs every sequence with its findings text ('findings': {modality: text})")
+    if len(kept) < len(studies) and verbose:
+        print(f"note: {len(studies) - len(kept)} of {len(studies)} {required or 'held-out'} studies have no findings "
+              "and are left out of stage 1")
+    return kept
 
 
 def batch_text(batch: Mapping[str, Any], table: TextTable, present: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -416,7 +434,7 @@ def run_pretraining(
         seed = int(tcfg["seed"])
         seed_everything(seed + info.rank)
         last = find_checkpoint(run_dir, "last") if resume else None
-        if not resume and info.is_main and find_checkpoint(run_dir, "last") is not None:
+        if not resume and find_checkpoint(run_dir, "last") is not None:  # every rank, so none waits for the others
             raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +447,7 @@ def run_pretraining(
         if acfg and acfg.get("enabled", True):
             from medmap.data.augment import build_augmentation
 
-            augment = build_augmentation(acfg, seed=seed + 7919 * info.rank)
+            augment = build_augmentation(acfg, seed=derive_seed(seed, 7919, info.rank))
         train_ds, organ_of = _organ_datasets(data.train, data.organs, pcache, augment)
         sampler = OrganBatchSampler(organ_of, int(tcfg["batch_size"]), info.world_size, info.rank, seed)
         steps_per_epoch = sampler.steps_per_epoch()
@@ -471,7 +489,7 @@ def run_pretraining(
         t0 = time.time()
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            seed_everything(seed * 1_000 + epoch * 10 + info.rank)
+            seed_everything(derive_seed(seed, epoch, info.rank))
             loader = DataLoader(
                 train_ds,
                 batch_sampler=sampler.rank_batches(epoch, skip),

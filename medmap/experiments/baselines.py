@@ -50,13 +50,13 @@ PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 # --------------------------------------------------------------------------- shared helpers
 def labelled_splits(study_list: str | Path, organ: OrganConfig, seed: int) -> dict[str, list[Study]]:
     """The organ's labelled studies by split (missing splits assigned by patient, as the engines do)."""
-    from medmap.data.split import ensure_splits
+    from medmap.data.split import patient_splits
     from medmap.data.studylist import read_study_list
 
     studies = [s for s in read_study_list(study_list, organ=organ.name) if s.label is not None]
     if not studies:
         raise StudyListError(f"{study_list}: no labelled {organ.name} studies")
-    studies = ensure_splits(studies, seed=seed)
+    studies = patient_splits(studies)
     out = {k: [s for s in studies if s.split == k] for k in ("train", "val", "test")}
     for k in ("train", "test"):
         if not out[k]:
@@ -335,7 +335,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     from medmap.engines.pretrain import OrganBatchSampler
     from medmap.evaluation.metrics import compute_metrics
     from medmap.losses.finetune import class_weights_from_labels
-    from medmap.utils import pick_device, seed_everything
+    from medmap.utils import derive_seed, pick_device, seed_everything
 
     run_dir = Path(run_dir)
     organ = load_organ_config(cfg["organ"])
@@ -387,7 +387,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     t0 = time.time()
     while step < total:
         epoch = step // steps_per_epoch
-        seed_everything(seed * 1_000 + epoch * 10)
+        seed_everything(derive_seed(seed, epoch, 0))
         model.train()
         loader = DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch), collate_fn=collate_studies)
         for batch in loader:

@@ -1,9 +1,10 @@
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from medmap.data.split import assign_splits, ensure_splits
+from medmap.data.split import assign_splits, ensure_splits, patient_split, patient_splits
 from medmap.data.studylist import Study
 from medmap.errors import ConfigError, StudyListError
 
@@ -92,3 +93,22 @@ def test_labelled_subset_draws_per_class_independent_of_order():
     assert labelled_subset(studies, None) == studies
     with pytest.raises(StudyListError, match="at least 1"):
         labelled_subset(studies, 0)
+
+
+def test_patient_splits_depend_on_the_patient_alone() -> None:
+    """Stage 1 sees every study of every organ (labelled or not), stage 2 the labelled studies
+    of one organ with any training seed: a patient's split must be the same in both."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        stage1 = [Study(f"s{trial}-{i}", f"P{trial}-{i // 2}", str(rng.choice(["brain", "liver"])), {"t1": Path("/x")},
+                        label=str(rng.choice(["a", "b", "c"])) if rng.random() < 0.7 else None) for i in range(60)]
+        stage2 = [s for s in stage1 if s.organ == "liver" and s.label is not None]
+        rng.shuffle(stage2)
+        split1 = {s.patient_id: s.split for s in patient_splits(stage1)}
+        test2 = {s.patient_id for s in patient_splits(stage2) if s.split == "test"}
+        assert all(split1[p] == "test" for p in test2)
+    counts = Counter(patient_split(f"P{i}") for i in range(20_000))
+    assert abs(counts["train"] / 20_000 - 0.7) < 0.02 and abs(counts["test"] / 20_000 - 0.15) < 0.02
+    given = _studies(6, 1)
+    given[0].split = "val"
+    assert patient_splits(given)[0].split == "val"  # a given split is kept

@@ -154,3 +154,11 @@ def test_precision_clip_config_and_single_process_setup(tmp_path: Path, monkeypa
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = setup_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+
+
+def test_derived_seeds_do_not_collide_across_ranks_and_epochs() -> None:
+    from medmap.utils import derive_seed
+
+    seeds = {derive_seed(s, e, r) for s in range(3) for e in range(50) for r in range(64)}
+    assert len(seeds) == 3 * 50 * 64  # the old seed*1000 + epoch*10 + rank collided beyond 10 ranks
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) and 0 <= derive_seed(5, 0, 0) < 2**63

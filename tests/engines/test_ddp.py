@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -159,3 +160,9 @@ def test_torchrun_finetune_writes_only_from_rank_zero(tmp_path: Path) -> None:
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "last"]
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+
+    # the same command again without --resume: every rank refuses at once (none waits at a barrier)
+    t0 = time.time()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already holds a run" in again.stdout + again.stderr
+    assert time.time() - t0 < 90

@@ -150,7 +150,7 @@ def _kill_and_resume(data: Path, text_dir: Path, tmp_path: Path, main) -> None:
     assert main(_cli(data, full, ov)) == 2
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "coarse"])
+@pytest.mark.parametrize("name", ["default", "tiny", "coarse", "liver_lesion", "brain_4mm"])
 def test_shipped_pretrain_configs_build(name: str) -> None:
     from medmap.config import load_config, load_organ_config
     from medmap.engines.pretrain import build_model
@@ -164,3 +164,20 @@ def test_shipped_pretrain_configs_build(name: str) -> None:
         assert out.pooled.shape == (1, model.encoders.dim)
     if name == "coarse":  # CPU-sized organs
         assert organs["brain"].roi_size == (40, 48, 40) and organs["liver"].roi_size == (48, 48, 32)
+
+
+def test_stage_1_without_findings_is_a_clear_error(data: Path, tmp_path: Path) -> None:
+    import json
+
+    from medmap.errors import StudyListError
+
+    bare = tmp_path / "bare.jsonl"
+    lines = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    for obj in lines:
+        obj.pop("findings", None)
+        obj["modalities"] = {m: str((data.parent / p).resolve()) for m, p in obj["modalities"].items()}
+    bare.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    cfg = load_config("tiny", "pretrain", _overrides(data, 2, 2))
+    with pytest.raises(StudyListError, match="has findings; stage 1 pairs every sequence") as e:
+        run_pretraining(cfg, bare, tmp_path / "run")
+    assert "bare.jsonl" in str(e.value) and not (tmp_path / "run" / "checkpoints").exists()
