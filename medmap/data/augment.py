@@ -70,8 +70,10 @@ def _check_keys(cfg: dict[str, Any]) -> None:
 class StudyAugmentation:
     """Callable ``sample -> sample`` augmenting ``images`` of a preprocessed study.
 
-    Reproducible: the random draws of the n-th call depend only on ``seed``, the data-loader
-    worker's seed (when inside a worker) and n; the global RNG state is left untouched.
+    Reproducible: the random draws of the n-th call of an epoch depend only on ``seed``, the
+    epoch, the data-loader worker's seed (when inside a worker) and n; the global RNG state is
+    left untouched. The engines call :meth:`set_position` at the start of every epoch, so a
+    resumed run draws exactly what the uninterrupted run drew.
 
     Args:
         cfg: augmentation config (see module docstring), merged over the defaults.
@@ -82,6 +84,7 @@ class StudyAugmentation:
         self.cfg = deep_merge(DEFAULT_AUGMENTATION, cfg or {})
         _check_keys(self.cfg)
         self.seed = int(seed)
+        self.epoch = 0
         self.calls = 0
         c = self.cfg
         spatial: list[tio.Transform] = []
@@ -107,10 +110,14 @@ class StudyAugmentation:
             tio.RandomNoise(std=(0.0, float(c["noise"]["std"])), p=float(c["noise"]["prob"])) if c["noise"]["prob"] > 0 else None
         )
 
+    def set_position(self, epoch: int, calls: int = 0) -> None:
+        """Continue as at the start of ``epoch`` after ``calls`` samples of it were augmented."""
+        self.epoch, self.calls = int(epoch), int(calls)
+
     def _call_seed(self) -> int:
         info = torch.utils.data.get_worker_info()
         worker_seed = int(info.seed) if info is not None else 0
-        digest = hashlib.sha256(f"{self.seed}:{worker_seed}:{self.calls}".encode()).digest()
+        digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{worker_seed}:{self.calls}".encode()).digest()
         self.calls += 1
         return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

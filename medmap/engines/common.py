@@ -195,6 +195,22 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def position_epoch(augment: Any, sampler: Any, epoch: int, skip: int, resumed_rng: Mapping[str, Any] | None = None) -> None:
+    """Put the random state where an uninterrupted run is at step ``skip`` of ``epoch``.
+
+    The caller has seeded the epoch and created its data iterator (which draws from the global
+    RNG). The augmentation continues after the samples of the ``skip`` skipped batches; a
+    single-process run resumed mid-epoch (``skip > 0``) also gets the global RNG state saved
+    with its checkpoint back (dropout), so ``--resume`` is bit-identical. With data-loader
+    workers or several ranks, resuming at an epoch boundary (the default checkpoints) is.
+    """
+    if augment is not None and hasattr(augment, "set_position"):
+        done = sum(len(b) for b in sampler.rank_batches(epoch)[:skip]) if skip else 0
+        augment.set_position(epoch, done)
+    if skip and resumed_rng:
+        set_rng_state(resumed_rng)
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,

@@ -45,6 +45,7 @@ from medmap.engines.common import (
     find_checkpoint,
     load_checkpoint,
     progress_bar,
+    position_epoch,
     save_checkpoint,
     save_resolved_config,
     setup_distributed,
@@ -217,8 +218,10 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
                                        total_steps, float(tcfg.get("min_lr_ratio", 0.0)))
     step = 0
     best_score, best_epoch = -math.inf, -1
+    resumed_rng = None
     if last is not None:
         state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
+        resumed_rng = state.get("rng") if info.world_size == 1 else None  # mid-epoch: dropout continues exactly
         step = int(state["step"])
         best_score = float(state["extra"].get("best_score", -math.inf))
         best_epoch = int(state["extra"].get("best_epoch", -1))
@@ -247,10 +250,13 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         seed_everything(derive_seed(seed, epoch, info.rank))
+        batches = iter(_loader(train_ds, sampler.rank_batches(epoch, skip), num_workers))  # draws from the RNG
+        position_epoch(augment, sampler, epoch, skip, resumed_rng)
+        resumed_rng = None
         model.train()
         running: dict[str, float] = {}
         n_seen = 0
-        for batch in _loader(train_ds, sampler.rank_batches(epoch, skip), num_workers):
+        for batch in batches:
             labels = batch["label"].to(info.device)
             with autocast_context(precision, info.device):
                 out = train_model(batch["images"].to(info.device), batch["present"].to(info.device), bank)

@@ -45,6 +45,7 @@ from medmap.engines.common import (
     find_checkpoint,
     load_checkpoint,
     progress_bar,
+    position_epoch,
     save_checkpoint,
     save_resolved_config,
     setup_distributed,
@@ -468,9 +469,11 @@ def run_pretraining(
             optimizer, int(tcfg.get("warmup_steps", 0)), total_steps, float(tcfg.get("min_lr_ratio", 0.0))
         )
         step = 0
+        resumed_rng = None
         if last is not None:
             state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
             step = int(state["step"])
+            resumed_rng = state.get("rng") if info.world_size == 1 else None
         train_model: nn.Module = model
         if info.distributed:
             train_model = nn.parallel.DistributedDataParallel(
@@ -490,14 +493,16 @@ def run_pretraining(
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
             seed_everything(derive_seed(seed, epoch, info.rank))
-            loader = DataLoader(
+            batches = iter(DataLoader(  # creating the iterator draws from the global RNG
                 train_ds,
                 batch_sampler=sampler.rank_batches(epoch, skip),
                 collate_fn=collate_studies,
                 num_workers=int(rcfg.get("num_workers", 0)),
                 persistent_workers=False,
-            )
-            for batch in loader:
+            ))
+            position_epoch(augment, sampler, epoch, skip, resumed_rng)
+            resumed_rng = None
+            for batch in batches:
                 organ = data.organs[batch["organ"]]
                 present = batch["present"]
                 emb, ids, usable = batch_text(batch, data.table, present)

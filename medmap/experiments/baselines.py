@@ -388,6 +388,8 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     while step < total:
         epoch = step // steps_per_epoch
         seed_everything(derive_seed(seed, epoch, 0))
+        if augment is not None:
+            augment.set_position(epoch)
         model.train()
         loader = DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch), collate_fn=collate_studies)
         for batch in loader:
