@@ -148,7 +148,13 @@ def test_evaluate_writes_every_metric_and_plot(ft_run: Path) -> None:
     assert dropped["n"] == 3
 
 
-def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["auto=fp32", "auto=bf16"])
+def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    # `precision: auto` resolves per CPU; run both resolutions here, whatever this CPU has
+    import medmap.utils
+
+    monkeypatch.setattr(medmap.utils, "bf16_is_fast_on_cpu", lambda: native_bf16)
     study = data.parent / "s13"
     rc = main(["predict", str(ft_run), f"t1={study / 't1.nii.gz'}", f"t2={study / 't2.nii.gz'}",
                "--study-id", "s13", "--out", str(tmp_path / "pred")])
@@ -160,9 +166,11 @@ def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path:
     sal = nib.load(pred["saliency_nifti"])
     assert sal.shape == (16, 16, 16) and np.isfinite(sal.get_fdata()).all()
     assert Path(pred["saliency_png"]).stat().st_size > 1000
-    # the API gives the same probabilities as the command line
+    # the API gives the same probabilities as the command line, with or without a saliency map
     api = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"})
-    assert api.probabilities == pytest.approx(pred["probabilities"], abs=1e-5)
+    assert api.probabilities == pytest.approx(pred["probabilities"], abs=1e-6)
+    api_sal = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"}, saliency_dir=tmp_path / "sal")
+    assert api_sal.probabilities == pytest.approx(pred["probabilities"], abs=1e-6)
 
 
 def test_predict_gives_clear_errors(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
