@@ -238,8 +238,11 @@ def organ_config_from(spec: dict[str, Any], _depth: int = 0) -> OrganConfig:
 
 def load_config(name_or_path: str | Path, kind: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Load a run config (built-in name or path) and apply ``a.b=value`` overrides."""
-    cfg = load_yaml(resolve_config_path(name_or_path, kind))
-    return apply_overrides(cfg, overrides or [])
+    from medmap.config_check import check_run_config
+
+    cfg = apply_overrides(load_yaml(resolve_config_path(name_or_path, kind)), overrides or [])
+    check_run_config(cfg, kind)
+    return cfg
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -254,7 +257,15 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({str(e).splitlines()[0]})") from e
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string; on the command line it means a number
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -283,8 +294,14 @@ def resolve_run_config(
     """The config of a training command: on ``--resume`` the run's own saved ``config.yaml``
     (overrides may then only change the volatile ``run.*`` keys, checked on load), otherwise
     the named / given config with ``overrides`` applied."""
+    from medmap.config_check import check_run_config
+
     saved = Path(run_dir) / "config.yaml"
-    if resume and saved.is_file():
-        return apply_overrides(load_yaml(saved), overrides)
+    if resume and not saved.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml); leave out --resume to start one there")
+    if resume:
+        cfg = apply_overrides(load_yaml(saved), overrides)
+        check_run_config(cfg, kind)
+        return cfg
     return load_config(name_or_path, kind, overrides)
 

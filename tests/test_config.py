@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
-from medmap.config import load_organ_config
+from medmap.config import load_config, load_organ_config
 from medmap.errors import ConfigError
 
 
@@ -68,3 +71,31 @@ def test_zero_outside_roi_needs_the_roi_mask_crop() -> None:
         OrganConfig.from_dict({**base, "zero_outside_roi": True})
     with pytest.raises(ConfigError, match=r"'zero_outside_roi' must be true or false, got 'yes'"):
         OrganConfig.from_dict({**base, "crop": "roi_mask", "zero_outside_roi": "yes"})
+
+
+@pytest.mark.parametrize("kind, override, message", [
+    ("finetune", "training.epoch=5", "unknown config key 'training.epoch'; valid keys in 'training': "),
+    ("finetune", "run.num_worker=2", "unknown config key 'run.num_worker'"),
+    ("finetune", "bogus.x=1", "unknown config key 'bogus'; valid keys at the top level"),
+    ("pretrain", "trainig.steps=3", "unknown config key 'trainig'"),
+    ("finetune", "training.lr=abc", "config key 'training.lr' must be a number, got 'abc'"),
+    ("finetune", "model.cct=3", "config key 'model.cct' is a section"),
+])
+def test_misspelt_keys_and_wrong_types_are_rejected(kind: str, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", kind, [override])
+
+
+def test_valid_overrides_pass_and_numbers_parse_like_a_user_types_them() -> None:
+    cfg = load_config("liver", "finetune", ["training.lr=1e-3", "run.threads=2", "encoder.arch={type: cnn, channels: [4]}"])
+    assert cfg["training"]["lr"] == 1e-3 and cfg["run"]["threads"] == 2
+
+
+def test_the_engines_check_before_writing_anything(tmp_path: Path) -> None:
+    from medmap.engines.finetune import run_finetuning
+
+    cfg = load_config("tiny", "finetune", [])
+    cfg["training"]["epoch"] = 5  # as a Python caller might misspell it
+    with pytest.raises(ConfigError, match="training.epoch"):
+        run_finetuning(cfg, tmp_path / "studies.jsonl", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -55,7 +55,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from medmap.errors import CheckpointError
+from medmap.errors import CheckpointError, ConfigError
 from medmap.utils import atomic_write_text, pick_device, resolve_precision, stable_hash
 
 MODEL_FILE = "model.safetensors"
@@ -193,6 +193,73 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: Files that mark a folder as a MedMAP run folder (any one of them).
+RUN_MARKERS = ("config.yaml", "run_info.json", "checkpoints")
+LOCK_FILE = ".medmap.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> Iterator[None]:
+    """Guard a run folder for the duration of a run (every rank checks; rank 0 locks).
+
+    * a new run (``resume`` false) refuses a folder that already holds a run, and a
+      non-empty folder that is not a run (nothing in it is overwritten);
+    * a second process writing into the same folder is refused while the first holds
+      ``RUN_DIR/.medmap.lock`` (a lock left by a killed process is taken over);
+    * temporary checkpoint folders left by a killed run are removed.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run folder")
+    entries = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    is_run = any(m in entries for m in RUN_MARKERS)
+    if not resume and find_checkpoint(run_dir, "last") is not None:
+        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
+    if entries and not is_run and [e for e in entries if e != LOCK_FILE]:
+        raise ConfigError(f"{run_dir} is not empty and is not a MedMAP run folder ({', '.join(sorted(entries)[:5])}); "
+                          "choose a new or empty --out")
+    lock = run_dir / LOCK_FILE
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _take_lock(lock)
+        for stale in (run_dir / "checkpoints").glob(".*.tmp-*") if (run_dir / "checkpoints").is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        yield
+    finally:
+        if info.is_main:
+            lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> None:
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise ConfigError(f"{lock.parent} is in use by another run (pid {pid}); wait for it or choose "
+                                  "another --out") from None
+            lock.unlink(missing_ok=True)  # left by a killed process
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return
+    raise ConfigError(f"cannot lock {lock.parent}")
 
 
 def position_epoch(augment: Any, sampler: Any, epoch: int, skip: int, resumed_rng: Mapping[str, Any] | None = None) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medmap.config import load_organ_config, load_yaml
+from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import labelled_subset, patient_splits
@@ -39,6 +40,7 @@ from medmap.engines.common import (
     RunLogger,
     autocast_context,
     barrier,
+    claim_run_dir,
     cleanup_distributed,
     configure_threads,
     clip_gradients,
@@ -118,13 +120,15 @@ def run_finetuning(
     Returns:
         On rank 0, a summary with the best validation metrics; ``{}`` on other ranks.
     """
+    check_run_config(cfg, "finetune")  # misspelt keys and wrong types fail before anything is written
     run_dir = Path(run_dir)
     tcfg = dict(cfg.get("training") or {})
     rcfg = dict(cfg.get("run") or {})
     configure_threads(rcfg.get("threads"))
     info = setup_distributed(str(rcfg.get("device", "auto")))
     try:
-        return _finetune(cfg, tcfg, rcfg, Path(study_list), run_dir, resume, init, info)
+        with claim_run_dir(run_dir, resume, info):  # every rank checks, so none waits for the others
+            return _finetune(cfg, tcfg, rcfg, Path(study_list), run_dir, resume, init, info)
     finally:
         cleanup_distributed(info)
 
@@ -136,8 +140,6 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     organ = load_organ_config(cfg["organ"])
     abl = ablation_switches(cfg)
     last = find_checkpoint(run_dir, "last") if resume else None
-    if not resume and find_checkpoint(run_dir, "last") is not None:  # every rank, so none waits for the others
-        raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(run_dir, cfg)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from medmap.config import OrganConfig, load_organ_config
+from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study, read_study_list
@@ -41,6 +43,7 @@ from medmap.engines.common import (
     barrier,
     cleanup_distributed,
     configure_threads,
+    claim_run_dir,
     clip_gradients,
     find_checkpoint,
     load_checkpoint,
@@ -426,17 +429,18 @@ def run_pretraining(
         run_dir: run folder (created; with ``resume`` it must hold a checkpoint or be new).
         resume: continue from ``RUN_DIR/checkpoints/last`` if present.
     """
+    check_run_config(cfg, "pretrain")  # misspelt keys and wrong types fail before anything is written
     run_dir = Path(run_dir)
     tcfg = cfg["training"]
     rcfg = cfg.get("run") or {}
     configure_threads(rcfg.get("threads"))
     info = setup_distributed(str(rcfg.get("device", "auto")))
+    guard = contextlib.ExitStack()
     try:
+        guard.enter_context(claim_run_dir(run_dir, resume, info))  # every rank checks, so none waits for the others
         seed = int(tcfg["seed"])
         seed_everything(seed + info.rank)
         last = find_checkpoint(run_dir, "last") if resume else None
-        if not resume and find_checkpoint(run_dir, "last") is not None:  # every rank, so none waits for the others
-            raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(run_dir, cfg)
@@ -564,4 +568,5 @@ def run_pretraining(
         barrier(info)
         return metrics
     finally:
+        guard.close()
         cleanup_distributed(info)

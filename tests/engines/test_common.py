@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
@@ -162,3 +163,34 @@ def test_derived_seeds_do_not_collide_across_ranks_and_epochs() -> None:
     seeds = {derive_seed(s, e, r) for s in range(3) for e in range(50) for r in range(64)}
     assert len(seeds) == 3 * 50 * 64  # the old seed*1000 + epoch*10 + rank collided beyond 10 ranks
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) and 0 <= derive_seed(5, 0, 0) < 2**63
+
+
+def test_run_folder_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medmap.config import resolve_run_config
+    from medmap.engines.common import LOCK_FILE, claim_run_dir, setup_distributed
+    from medmap.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = setup_distributed("cpu")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "config.yaml.bak").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and is not a MedMAP run folder"):
+        with claim_run_dir(other, resume=False, info=info):
+            pass
+    assert (other / "config.yaml.bak").read_text() == "mine" and not (other / LOCK_FILE).exists()
+
+    run = tmp_path / "run"
+    with claim_run_dir(run, resume=False, info=info):
+        (run / "config.yaml").write_text("a: 1\n")
+        with pytest.raises(ConfigError, match="in use by another run"):  # a second writer, same folder
+            (run / LOCK_FILE).write_text("1")  # pid 1 is always alive
+            with claim_run_dir(run, resume=True, info=info):
+                pass
+    (run / LOCK_FILE).write_text("999999999")  # left by a killed process: taken over
+    (run / "checkpoints" / ".last.tmp-x").mkdir(parents=True)  # stale temporary checkpoint
+    with claim_run_dir(run, resume=True, info=info):
+        assert (run / LOCK_FILE).read_text() == str(os.getpid())
+    assert not (run / "checkpoints" / ".last.tmp-x").exists() and not (run / LOCK_FILE).exists()
+    with pytest.raises(ConfigError, match="--resume: .* holds no run"):
+        resolve_run_config("tiny", "finetune", [], tmp_path / "typo", resume=True)
