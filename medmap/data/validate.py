@@ -25,12 +25,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -39,6 +40,7 @@ from medmap.config import OrganConfig, load_organ_config
 from medmap.errors import ConfigError, StudyListError, VolumeError
 from medmap.data.lesion import check_box
 from medmap.data.studylist import Study, iter_study_lines
+from medmap.utils import atomic_write_text
 
 #: Grids of two modalities "coincide" when their voxel corners are this many voxels apart at most.
 GRID_TOLERANCE_VOXELS = 0.05
@@ -78,6 +80,28 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
 DEFAULT_MAX_VOXELS = 1 << 28
 
 
+def _gzip_size(path: Path, need: int) -> int:
+    """Decompressed size of a .gz file, from its trailer when that agrees with ``need``
+    (a whole single-member file), otherwise by streaming it (memory stays small)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() >= 18:
+            f.seek(-4, os.SEEK_END)
+            if int.from_bytes(f.read(4), "little") == need % (1 << 32):
+                return need
+        f.seek(0)
+        d, have = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
+        try:
+            while chunk := f.read(1 << 20):
+                have += len(d.decompress(chunk))
+                while d.eof and d.unused_data:  # the next gzip member
+                    rest, d = d.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    have += len(d.decompress(rest))
+        except zlib.error:
+            return have
+        return have if d.eof else min(have, need - 1)
+
+
 def _check_header(path: Path, img: nib.Nifti1Image) -> None:
     """Header checks made before any voxel is read: size limit, file size, voxel sizes."""
     hdr = img.header
@@ -86,8 +110,12 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
     if n_vox > limit:
         raise VolumeError(f"{path}: the header claims {tuple(int(d) for d in img.shape)} = {n_vox:,} voxels, more than "
                           f"the limit of {limit:,} (set MEDMAP_MAX_VOXELS to raise it); refusing to read it")
-    if not path.name.endswith(".gz"):
-        need = int(hdr.get("vox_offset", 0)) + n_vox * np.dtype(hdr.get_data_dtype()).itemsize
+    need = int(hdr.get("vox_offset", 0)) + n_vox * np.dtype(hdr.get_data_dtype()).itemsize
+    if path.name.endswith(".gz"):
+        have = _gzip_size(path, need)
+        if have < need:
+            raise VolumeError(f"{path}: truncated or corrupt: it decompresses to {have:,} bytes, its header needs {need:,}")
+    else:
         if path.stat().st_size < need:
             raise VolumeError(f"{path}: truncated or corrupt: {path.stat().st_size:,} bytes, its header needs {need:,}")
     if int(hdr["qform_code"]) or int(hdr["sform_code"]):
@@ -102,31 +130,26 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
                           "the voxel grid is unknown")
 
 
-def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Image:
-    """Open a NIfTI volume and check that it can be used as one MRI sequence.
+def _file_key(path: Path) -> Path:
+    """The resolved path, or the path itself when it cannot be resolved (a symlink loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
 
-    Checks, in order: the file exists; nibabel can read it as NIfTI; it is 3D (trailing
-    singleton dimensions are dropped) with at least 2 voxels along each axis; the affine is
-    finite and not singular; the voxel data can be read completely (catches truncated and
-    corrupt files); no voxel is NaN or infinite; the volume is not constant.
 
-    Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
-        allow_constant: skip the last check (for masks, see :func:`check_roi_mask`).
+def check_volume_header(path: str | Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """The checks of :func:`check_volume` that read the header only (cheap; no voxel is read).
 
     Returns:
-        A 3D ``Nifti1Image`` holding the voxel data as float32 in memory and the file's
-        affine, ready for preprocessing (the file is not read again).
+        The (lazily loaded) image, its 3D shape and its affine.
 
     Raises:
         VolumeError: with a message naming the file and the problem.
-
-    Example:
-        >>> img = check_volume("brain-0000/t1.nii.gz")  # doctest: +SKIP
-        >>> img.shape
-        (182, 218, 182)
     """
     path = Path(path)
+    if path.is_symlink() and _file_key(path) == path:
+        raise VolumeError(f"{path}: a symlink loop (it never reaches a file)")
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
     if not path.is_file():
@@ -153,6 +176,35 @@ def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Im
             f"{path}: the affine is singular (voxel sizes {np.round(sizes, 6).tolist()}); "
             "the header's sform/qform does not define a valid voxel grid"
         )
+    return img, shape, affine
+
+
+def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Image:
+    """Open a NIfTI volume and check that it can be used as one MRI sequence.
+
+    Checks, in order: the file exists; nibabel can read it as NIfTI; it is 3D (trailing
+    singleton dimensions are dropped) with at least 2 voxels along each axis; the affine is
+    finite and not singular; the voxel data can be read completely (catches truncated and
+    corrupt files); no voxel is NaN or infinite; the volume is not constant.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        allow_constant: skip the last check (for masks, see :func:`check_roi_mask`).
+
+    Returns:
+        A 3D ``Nifti1Image`` holding the voxel data as float32 in memory and the file's
+        affine, ready for preprocessing (the file is not read again).
+
+    Raises:
+        VolumeError: with a message naming the file and the problem.
+
+    Example:
+        >>> img = check_volume("brain-0000/t1.nii.gz")  # doctest: +SKIP
+        >>> img.shape
+        (182, 218, 182)
+    """
+    img, shape, affine = check_volume_header(path)
+    path = Path(path)
     try:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error, MemoryError) as e:
@@ -165,6 +217,54 @@ def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Im
         raise VolumeError(f"{path}: the volume is constant (every voxel is {lo:g}); it holds no image")
     out = nib.Nifti1Image(data, affine)
     return out
+
+
+def preflight_studies(studies: Sequence[Study], memo: str | Path | None = None) -> None:
+    """Check every file of ``studies`` before a run's first step: headers only, memoised.
+
+    The header checks of :func:`check_volume` (existence, NIfTI, 3D, size limit, voxel grid)
+    for every modality and ROI mask, so a bad validation or test file stops a run at once
+    rather than after an epoch. Files that passed are remembered in ``memo`` (a JSON file,
+    by path, size and modification time), so later runs skip them.
+
+    Raises:
+        VolumeError: one line naming the first bad file, the study and how many are bad.
+    """
+    memo_path = Path(memo) if memo is not None else None
+    seen: dict[str, bool] = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            seen = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            seen = {}
+    problems: list[str] = []
+    new = 0
+    for study in studies:
+        files = [(m, Path(f)) for m, f in study.modalities.items()]
+        if study.roi_mask is not None:
+            files.append(("roi_mask", Path(study.roi_mask)))
+        for name, f in files:
+            try:
+                st = f.stat()
+                key = f"{_file_key(f)}:{st.st_size}:{st.st_mtime_ns}"
+            except (OSError, RuntimeError):
+                key = None
+            if key is not None and seen.get(key):
+                continue
+            try:
+                check_volume_header(f)
+            except VolumeError as e:
+                problems.append(f"study '{study.study_id}', {name}: {e}")
+                continue
+            if key is not None:
+                seen[key] = True
+                new += 1
+    if new and memo_path is not None:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_path, json.dumps(seen))
+    if problems:
+        more = f" ({len(problems) - 1} more; `medmap validate` lists them all)" if len(problems) > 1 else ""
+        raise VolumeError(f"{problems[0]}{more}")
 
 
 def check_roi_mask(path: str | Path) -> nib.Nifti1Image:
@@ -340,7 +440,7 @@ def validate_study_list(
             continue
         grids: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
         for modality, file in study.modalities.items():
-            key = file.resolve()
+            key = _file_key(file)
             if key not in volume_results:
                 try:
                     img = check_volume(file)

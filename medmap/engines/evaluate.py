@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medmap.data.cache import PreprocessCache, default_cache_root
+from medmap.data.validate import preflight_studies
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import patient_splits
 from medmap.data.studylist import SPLITS, read_study_list
@@ -74,6 +75,7 @@ def evaluate_run(
         studies = [s for s in studies if s.modalities]
     if not studies:
         raise StudyListError(f"{study_list}: no labelled {organ.name} studies in the {split} split")
+    preflight_studies(studies, default_cache_root(study_list) / "preflight.json")
     cache = PreprocessCache(default_cache_root(study_list) / "preprocess")
     ds = StudyDataset(studies, organ, cache=cache)
     batches = [list(range(i, min(len(ds), i + batch_size))) for i in range(0, len(ds), batch_size)]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from medmap.config import load_organ_config, load_yaml
 from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
+from medmap.data.validate import preflight_studies
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import labelled_subset, patient_splits
 from medmap.data.studylist import read_study_list
@@ -160,6 +161,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     if dcfg.get("labels_per_class") is not None:  # label-efficiency runs: a few labelled studies per class
         train = labelled_subset(train, int(dcfg["labels_per_class"]), seed)
     cache_root = Path(dcfg.get("cache_dir") or default_cache_root(study_list))
+    preflight_studies(train + val, default_cache_root(study_list) / "preflight.json")  # bad files fail now
     pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.get("cache_dir") else cache_root)
     augment = None
     acfg = dcfg.get("augment")

@@ -34,6 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from medmap.config import OrganConfig, load_organ_config
 from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
+from medmap.data.validate import preflight_studies
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study, read_study_list
 from medmap.engines.common import (
@@ -445,6 +446,7 @@ def run_pretraining(
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(run_dir, cfg)
         data = prepare_data(cfg, study_list, info)
+        preflight_studies(data.train + data.held_out, default_cache_root(study_list) / "preflight.json")
         pcache_dir = (cfg["data"].get("cache_dir") or default_cache_root(study_list) / "preprocess")
         pcache = PreprocessCache(pcache_dir)
         augment = None

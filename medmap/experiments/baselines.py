@@ -351,6 +351,9 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
         from medmap.data.split import labelled_subset
 
         splits["train"] = labelled_subset(splits["train"], int(per_class), seed)
+    from medmap.data.validate import preflight_studies
+
+    preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")

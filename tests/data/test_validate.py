@@ -237,3 +237,19 @@ def test_roi_masks_are_checked(tmp_path):
     assert study.roi_mask == tmp_path / "good" / "mask.nii.gz"
     again = write_list(tmp_path / "copy", [study])
     assert read_study_list(again)[0].roi_mask.resolve() == mask.resolve()
+
+
+def test_gzip_truncation_is_found_from_the_header_and_multi_member_files_pass(tmp_path):
+    import gzip
+
+    from medmap.data.validate import check_volume_header
+
+    good = write_nifti(tmp_path / "good.nii.gz", head_volume())
+    raw = gzip.decompress(good.read_bytes())
+    two = tmp_path / "two.nii.gz"  # a valid file in two gzip members (as some tools write)
+    two.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    check_volume_header(two)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(VolumeError, match="cut.nii.gz: truncated or corrupt"):
+        check_volume_header(cut)

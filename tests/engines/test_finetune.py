@@ -286,3 +286,23 @@ def test_inference_does_not_import_the_training_engines() -> None:
     code = "import sys, medmap.inference; print(any(m.startswith('medmap.engines') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_bad_validation_file_stops_the_run_before_the_first_step(data: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data.parent, copy, ignore=shutil.ignore_patterns(".medmap_cache"))
+    studies = [json.loads(line) for line in (copy / data.name).read_text().splitlines() if line.strip()]
+    val = next(s for s in studies if s.get("split") == "val")
+    bad = copy / val["modalities"]["t1"]
+    if damage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad.unlink()
+    out = tmp_path / "run"
+    with pytest.raises(VolumeError) as e:
+        run_finetuning(_ft_cfg(copy / data.name), copy / data.name, out)
+    assert bad.name in str(e.value) and val["study_id"] in str(e.value) and "\n" not in str(e.value)
+    assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
