@@ -157,7 +157,7 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
     ax.set_xscale("log")
     xs_all = sorted({x for _, x, _ in points})
     ax.set_xticks(xs_all)
-    ax.set_xticklabels([f"{x:g}" for x in xs_all])
+    ax.set_xticklabels([f"{x:.0f}" if x >= 10 else f"{x:g}" for x in xs_all])  # all labels: a mean, e.g. 300.6
     ax.set_xlabel("labelled training studies per class")
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
