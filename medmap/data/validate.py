@@ -110,14 +110,14 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
     if n_vox > limit:
         raise VolumeError(f"{path}: the header claims {tuple(int(d) for d in img.shape)} = {n_vox:,} voxels, more than "
                           f"the limit of {limit:,} (set MEDMAP_MAX_VOXELS to raise it); refusing to read it")
-    need = int(hdr.get("vox_offset", 0)) + n_vox * np.dtype(hdr.get_data_dtype()).itemsize
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset reads 0
+    need = int(offset if offset is not None else hdr.get("vox_offset", 0)) + n_vox * np.dtype(hdr.get_data_dtype()).itemsize
     if path.name.endswith(".gz"):
         have = _gzip_size(path, need)
         if have < need:
             raise VolumeError(f"{path}: truncated or corrupt: it decompresses to {have:,} bytes, its header needs {need:,}")
-    else:
-        if path.stat().st_size < need:
-            raise VolumeError(f"{path}: truncated or corrupt: {path.stat().st_size:,} bytes, its header needs {need:,}")
+    elif path.stat().st_size < need:
+        raise VolumeError(f"{path}: truncated or corrupt: {path.stat().st_size:,} bytes, its header needs {need:,}")
     if int(hdr["qform_code"]) or int(hdr["sform_code"]):
         return
     from nibabel.openers import ImageOpener  # noqa: PLC0415

@@ -222,12 +222,11 @@ def claim_run_dir(run_dir: Path, resume: bool, info: DistInfo) -> Iterator[None]
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file, not a run folder")
-    entries = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    is_run = any(m in entries for m in RUN_MARKERS)
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
     if not resume and find_checkpoint(run_dir, "last") is not None:
         raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose a new --out")
-    if entries and not is_run and [e for e in entries if e != LOCK_FILE]:
-        raise ConfigError(f"{run_dir} is not empty and is not a MedMAP run folder ({', '.join(sorted(entries)[:5])}); "
+    if entries and not any(m in entries for m in RUN_MARKERS):
+        raise ConfigError(f"{run_dir} is not empty and is not a MedMAP run folder ({', '.join(entries[:5])}); "
                           "choose a new or empty --out")
     lock = run_dir / LOCK_FILE
     if info.is_main:

@@ -174,6 +174,7 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
         raise StudyListError(f"{study_list}: no studies in the training split")
     train = _with_findings(train, study_list, "training", info.is_main)
     held_out = _with_findings(held_out, study_list, None, info.is_main)
+    preflight_studies(train + held_out, default_cache_root(study_list) / "preflight.json")  # before the text encoder
     default_text_dir = default_cache_root(study_list) / "text"
     texts = study_texts(train) + study_texts(held_out)
     tables: dict[str, Any] = {}
@@ -446,7 +447,6 @@ def run_pretraining(
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(run_dir, cfg)
         data = prepare_data(cfg, study_list, info)
-        preflight_studies(data.train + data.held_out, default_cache_root(study_list) / "preflight.json")
         pcache_dir = (cfg["data"].get("cache_dir") or default_cache_root(study_list) / "preprocess")
         pcache = PreprocessCache(pcache_dir)
         augment = None
