@@ -20,6 +20,8 @@ Default config (every key optional; ``prob`` is the chance a transform is applie
     bias_field:  {prob: 0.3, coefficients: 0.3}
     scale_shift: {prob: 0.5, scale: 0.1, shift: 0.1}  # x * U(1 +- scale) + U(+- shift), per modality
     noise:       {prob: 0.3, std: 0.05}        # Gaussian, std drawn from U(0, std) (z-score units)
+    sequence_dropout: {prob: 0.0}              # each present sequence removed with this chance (at
+                                               # least one kept): training for missing sequences
 
 Example:
     >>> augment = build_augmentation({"flip": {"prob": 0.0}}, seed=0)
@@ -45,6 +47,7 @@ DEFAULT_AUGMENTATION: dict[str, Any] = {
     "bias_field": {"prob": 0.3, "coefficients": 0.3},
     "scale_shift": {"prob": 0.5, "scale": 0.1, "shift": 0.1},
     "noise": {"prob": 0.3, "std": 0.05},
+    "sequence_dropout": {"prob": 0.0},
 }
 
 Sample = dict[str, Any]
@@ -152,7 +155,24 @@ class StudyAugmentation:
                 out[idx] = self._noise(out[idx])
         result = dict(sample)
         result["images"] = out.to(images.dtype)
+        if self.cfg["sequence_dropout"]["prob"] > 0:
+            result.update(self._drop_sequences(result["images"], present, idx, seed))
         return result
+
+    def _drop_sequences(self, images: torch.Tensor, present: torch.Tensor, idx: list[int], seed: int) -> Sample:
+        """Remove each present sequence with probability ``sequence_dropout.prob``, keeping at
+        least one: the removed ones become what a missing sequence is (zeros, ``present`` false).
+        Its own generator, so the other transforms draw the same with or without it."""
+        gen = torch.Generator().manual_seed(seed ^ 0x5EC0D)
+        drop = torch.rand(len(idx), generator=gen) < float(self.cfg["sequence_dropout"]["prob"])
+        if bool(drop.all()):
+            drop[int(torch.randint(len(idx), (1,), generator=gen))] = False
+        images, present = images.clone(), present.clone()
+        for i, d in zip(idx, drop.tolist()):
+            if d:
+                images[i] = 0
+                present[i] = False
+        return {"images": images, "present": present}
 
 
 def build_augmentation(cfg: dict[str, Any] | None, seed: int = 0) -> Callable[[Sample], Sample]:

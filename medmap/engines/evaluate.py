@@ -8,9 +8,7 @@ same code path as ``medmap predict``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,9 +21,8 @@ from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.split import patient_splits
 from medmap.data.studylist import SPLITS, read_study_list
 from medmap.errors import ConfigError, StudyListError
-from medmap.evaluation.report import evaluate_and_report
+from medmap.evaluation.report import evaluate_and_report, write_predictions
 from medmap.inference import RUN_INFO_FILE, load_run, predict_probabilities
-from medmap.utils import atomic_write_text
 
 
 def evaluate_run(
@@ -89,15 +86,6 @@ def evaluate_run(
                "dropped_modalities": list(drop_modalities), "n_bootstrap": n_bootstrap}
     metrics = evaluate_and_report(y, p, organ.classes, out, title=f"{organ.name}: {name} split", extra=context,
                                   n_bootstrap=n_bootstrap)
-    _write_predictions(out / "predictions.csv", ids, y, p, organ.classes)
+    write_predictions(out / "predictions.csv", ids, y, p, organ.classes)
     metrics["output_dir"] = str(out)
     return metrics
-
-
-def _write_predictions(path: Path, ids: list[str], y: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["study_id", "label", "predicted", *[f"p_{c}" for c in classes]])
-    for sid, yi, pi in zip(ids, y, p):
-        w.writerow([sid, classes[int(yi)], classes[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi]])
-    atomic_write_text(path, buf.getvalue())

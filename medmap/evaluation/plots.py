@@ -169,3 +169,39 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def row_scores_figure(panels: Sequence[tuple[str, Sequence[tuple[str, float, float, float, Sequence[float]]], float | None]],
+                      path: str | Path, xlabel: str = "balanced accuracy (test)") -> Path:
+    """One panel per task and label regime: each grid row's score (mean over seeds) with its 95%
+    CI as a bar and every seed as a dot.
+
+    Args:
+        panels: ``(title, rows, chance)`` with rows ``(label, mean, ci_low, ci_high, seed scores)``,
+            drawn top to bottom in the given order.
+        path: the PNG to write.
+
+    Example:
+        >>> row_scores_figure([("liver", [("full", 0.8, 0.7, 0.9, [0.78, 0.82])], 1 / 7)], "/tmp/r.png")  # doctest: +SKIP
+    """
+    height = max(2.5, 0.32 * max(len(rows) for _, rows, _ in panels) + 1.2)
+    fig = Figure(figsize=(6.2 * len(panels), height))
+    FigureCanvasAgg(fig)
+    for i, (title, rows, chance) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ys = np.arange(len(rows))[::-1]
+        for y, (_, mean, lo, hi, seeds) in zip(ys, rows):
+            ax.plot([lo, hi], [y, y], color="tab:blue", linewidth=2.5, alpha=0.5)
+            ax.plot([mean], [y], marker="|", color="tab:blue", markersize=14, markeredgewidth=2)
+            ax.plot(list(seeds), [y] * len(seeds), "o", color="black", markersize=2.5, alpha=0.7)
+        if chance is not None:
+            ax.axvline(chance, color="grey", linestyle=":", label="chance")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_yticks(ys)
+        ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+        ax.set_xlim(0, 1.0)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +47,18 @@ def write_report(metrics: Mapping[str, Any], out_dir: str | Path, title: str = "
     json_path = atomic_write_json(out_dir / "metrics.json", payload)
     md_path = atomic_write_text(out_dir / "report.md", render_markdown(metrics, title, extra, figures, out_dir))
     return {"metrics": json_path, "report": md_path}
+
+
+def write_predictions(path: str | Path, study_ids: Sequence[str], y_true: Sequence[int] | np.ndarray,
+                      probs: np.ndarray, class_names: Sequence[str]) -> Path:
+    """Write one line per study (``study_id, label, predicted, p_<class>...``): what paired
+    comparisons between runs on the same test studies read (:mod:`medmap.experiments.claims`)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["study_id", "label", "predicted", *[f"p_{c}" for c in class_names]])
+    for sid, yi, pi in zip(study_ids, y_true, probs):
+        w.writerow([sid, class_names[int(yi)], class_names[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi]])
+    return atomic_write_text(Path(path), buf.getvalue())
 
 
 def evaluate_and_report(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, class_names: Sequence[str],

@@ -48,8 +48,11 @@ PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
 # --------------------------------------------------------------------------- shared helpers
-def labelled_splits(study_list: str | Path, organ: OrganConfig, seed: int) -> dict[str, list[Study]]:
-    """The organ's labelled studies by split (missing splits assigned by patient, as the engines do)."""
+def labelled_splits(study_list: str | Path, organ: OrganConfig, seed: int,
+                    labels_per_class: int | None = None) -> dict[str, list[Study]]:
+    """The organ's labelled studies by split (missing splits assigned by patient, as the engines do);
+    ``labels_per_class`` keeps that many training studies per class, the same ones stage 2 draws
+    with this seed (label-efficiency runs)."""
     from medmap.data.split import patient_splits
     from medmap.data.studylist import read_study_list
 
@@ -61,6 +64,10 @@ def labelled_splits(study_list: str | Path, organ: OrganConfig, seed: int) -> di
     for k in ("train", "test"):
         if not out[k]:
             raise StudyListError(f"{study_list}: no labelled {organ.name} studies in the {k} split")
+    if labels_per_class is not None:
+        from medmap.data.split import labelled_subset
+
+        out["train"] = labelled_subset(out["train"], int(labels_per_class), seed)
     return out
 
 
@@ -72,12 +79,16 @@ def full_probabilities(clf: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def _report(y: np.ndarray, p: np.ndarray, organ: OrganConfig, run_dir: Path, split: str, title: str,
-            n_bootstrap: int, extra: Mapping[str, Any]) -> dict[str, Any]:
-    from medmap.evaluation.report import evaluate_and_report
+def _report(studies: Sequence[Study], y: np.ndarray, p: np.ndarray, organ: OrganConfig, run_dir: Path, split: str,
+            title: str, n_bootstrap: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics, report and per-study predictions (``predictions.csv``) of one split."""
+    from medmap.evaluation.report import evaluate_and_report, write_predictions
 
-    return evaluate_and_report(y, p, organ.classes, run_dir / "metrics" / split, title=f"{organ.name}: {title} ({split})",
-                               extra={"split": split, **extra}, n_bootstrap=n_bootstrap if split == "test" else 0)
+    out = run_dir / "metrics" / split
+    metrics = evaluate_and_report(y, p, organ.classes, out, title=f"{organ.name}: {title} ({split})",
+                                  extra={"split": split, **extra}, n_bootstrap=n_bootstrap if split == "test" else 0)
+    write_predictions(out / "predictions.csv", [s.study_id for s in studies], y, p, organ.classes)
+    return metrics
 
 
 # --------------------------------------------------------------------------- intensity statistics
@@ -200,15 +211,17 @@ def intensity_feature_matrix(studies: Sequence[Study], organ: OrganConfig, list_
 
 
 def run_intensity_baseline(study_list: str | Path, organ: str | Path | OrganConfig, run_dir: str | Path,
-                           seed: int = 0, n_bootstrap: int = 1000, workers: int = 1) -> dict[str, Any]:
-    """Fit the intensity-statistics baseline on train and write its test metrics.
+                           seed: int = 0, n_bootstrap: int = 1000, workers: int = 1,
+                           labels_per_class: int | None = None) -> dict[str, Any]:
+    """Fit the intensity-statistics baseline on train (or ``labels_per_class`` training studies
+    per class) and write its test metrics.
 
     Returns:
         The test metrics (``RUN_DIR/metrics/test/metrics.json``).
     """
     organ = load_organ_config(organ)
     run_dir = Path(run_dir)
-    splits = labelled_splits(study_list, organ, seed)
+    splits = labelled_splits(study_list, organ, seed, labels_per_class)
     base = Path(study_list).resolve().parent
     y = {k: np.array([organ.classes.index(s.label) for s in v]) for k, v in splits.items()}
     t0 = time.time()
@@ -216,7 +229,7 @@ def run_intensity_baseline(study_list: str | Path, organ: str | Path | OrganConf
     x_test = intensity_feature_matrix(splits["test"], organ, base, workers)
     clf = fit_intensity_classifier(x_train, y["train"], seed=seed)
     p = full_probabilities(clf, x_test, organ.num_classes)
-    return _report(y["test"], p, organ, run_dir, "test", "intensity-statistics baseline", n_bootstrap,
+    return _report(splits["test"], y["test"], p, organ, run_dir, "test", "intensity-statistics baseline", n_bootstrap,
                    {"baseline": "intensity_statistics", "n_train": len(x_train), "seed": seed,
                     "fit_time_s": time.time() - t0})
 
@@ -343,14 +356,9 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     seed = int(tcfg.get("seed", 0))
     seed_everything(seed)
     device = pick_device(str((cfg.get("run") or {}).get("device", "auto")))
-    splits = labelled_splits(study_list, organ, seed)
+    splits = labelled_splits(study_list, organ, seed, (cfg.get("data") or {}).get("labels_per_class"))
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
-    per_class = (cfg.get("data") or {}).get("labels_per_class")
-    if per_class is not None:  # label-efficiency runs: the same studies as stage 2 with this seed
-        from medmap.data.split import labelled_subset
-
-        splits["train"] = labelled_subset(splits["train"], int(per_class), seed)
     from medmap.data.validate import preflight_studies
 
     preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
@@ -421,9 +429,9 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     extra = {"baseline": "monai_cnn", "net": dict(cfg.get("net") or {}), "seed": seed,
              "train_time_s": time.time() - t0, "input": "2M channels: volumes (missing = 0) + presence"}
     y, p = _predict_cnn(model, eval_loader["val"], device, precision)
-    _report(y, p, organ, run_dir, "val", "3D CNN baseline", 0, extra)
+    _report(splits["val"], y, p, organ, run_dir, "val", "3D CNN baseline", 0, extra)
     y, p = _predict_cnn(model, eval_loader["test"], device, precision)
-    return _report(y, p, organ, run_dir, "test", "3D CNN baseline", n_bootstrap, extra)
+    return _report(splits["test"], y, p, organ, run_dir, "test", "3D CNN baseline", n_bootstrap, extra)
 
 
 # --------------------------------------------------------------------------- CLIP-style linear probe
@@ -476,8 +484,10 @@ def frozen_features(model: nn.Module, dataset: Any, device: torch.device, pool: 
 
 def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: str | Path | OrganConfig,
                      run_dir: str | Path, seed: int = 0, n_bootstrap: int = 1000, pool: str = "concat",
-                     cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), device: str = "auto") -> dict[str, Any]:
-    """Linear probe on frozen stage-1 encoder features; ``C`` chosen by val balanced accuracy.
+                     cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), device: str = "auto",
+                     labels_per_class: int | None = None) -> dict[str, Any]:
+    """Linear probe on frozen stage-1 encoder features; ``C`` chosen by val balanced accuracy;
+    ``labels_per_class`` trains it on that many training studies per class.
 
     Returns:
         The test metrics (``RUN_DIR/metrics/test/metrics.json``).
@@ -505,7 +515,7 @@ def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: st
     model.to(dev)
     if any(m not in model.encoders.modalities for m in organ.modalities):
         raise ConfigError(f"stage-1 run {pretrain_run} has no encoder for some {organ.name} modalities")
-    splits = labelled_splits(study_list, organ, seed)
+    splits = labelled_splits(study_list, organ, seed, labels_per_class)
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the linear probe chooses C on the val split, which is empty")
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")
@@ -522,6 +532,7 @@ def run_linear_probe(pretrain_run: str | Path, study_list: str | Path, organ: st
     clf.fit(x["train"], y["train"])
     extra = {"baseline": "linear_probe", "pretrain_run": str(pretrain_run), "pool": pool, "C": best_c,
              "val_balanced_accuracy": float(best), "seed": seed}
-    _report(y["val"], full_probabilities(clf, x["val"], organ.num_classes), organ, run_dir, "val", "linear probe", 0, extra)
-    return _report(y["test"], full_probabilities(clf, x["test"], organ.num_classes), organ, run_dir, "test",
+    _report(splits["val"], y["val"], full_probabilities(clf, x["val"], organ.num_classes), organ, run_dir, "val",
+            "linear probe", 0, extra)
+    return _report(splits["test"], y["test"], full_probabilities(clf, x["test"], organ.num_classes), organ, run_dir, "test",
                    "linear probe", n_bootstrap, extra)

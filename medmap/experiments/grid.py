@@ -57,7 +57,8 @@ from medmap.utils import atomic_write_json, atomic_write_text
 ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "drop_modality")
 PRETRAIN_DONE = "pretrain_done.json"
 TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
-            "run", "rows"}
+            "run", "rows", "regimes", "claims"}
+REGIME_KEYS = {"name", "label", "labels_per_class", "set", "task_set", "rows", "tasks"}
 
 
 # --------------------------------------------------------------------------- config
@@ -100,7 +101,10 @@ def load_experiment_config(name_or_path: str | Path) -> dict[str, Any]:
         if not cfg.get(key):
             raise ConfigError(f"experiment config: '{key}' must be a non-empty list")
     cfg.setdefault("name", Path(str(name_or_path)).stem)
-    parse_rows(cfg)  # validate early
+    from medmap.experiments.claims import parse_claims
+
+    parse_regimes(cfg, parse_rows(cfg))  # validate early
+    parse_claims(cfg.get("claims"))
     return cfg
 
 
@@ -137,6 +141,59 @@ def parse_rows(cfg: Mapping[str, Any], seeds: Sequence[int] | None = None) -> li
     return rows
 
 
+@dataclass(frozen=True)
+class Regime:
+    """A label regime of the grid: every row (or the listed ``rows``) runs once per regime.
+
+    ``name`` is ``""`` for a config without ``regimes`` (runs then sit directly under
+    ``runs/<task>/<row>``). ``labels_per_class`` restricts every row's training studies (a
+    row's own ``labels_per_class`` wins); ``set`` / ``task_set`` are stage-2 settings of the
+    regime (e.g. more epochs for few labels), merged after the grid's and before the row's.
+    """
+
+    name: str
+    label: str = ""
+    labels_per_class: int | None = None
+    set: Mapping[str, Any] = field(default_factory=dict)
+    task_set: Mapping[str, Any] = field(default_factory=dict)
+    rows: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] | None = None
+
+    def has(self, row: "Row", task: str | None = None) -> bool:
+        """Whether ``row`` (on ``task``) runs in this regime."""
+        in_task = task is None or self.tasks is None or task in self.tasks
+        return in_task and (self.rows is None or row.name in self.rows)
+
+
+def parse_regimes(cfg: Mapping[str, Any], rows: Sequence[Row]) -> list[Regime]:
+    """The config's label regimes (one unnamed regime when it has none), checked."""
+    raw = cfg.get("regimes")
+    if raw is None:
+        return [Regime("")]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("experiment config: 'regimes' must be a non-empty list")
+    names = {r.name for r in rows}
+    out: list[Regime] = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, Mapping) or not r.get("name"):
+            raise ConfigError(f"experiment config: regimes[{i}] must be a mapping with a 'name'")
+        unknown = set(r) - REGIME_KEYS
+        if unknown:
+            raise ConfigError(f"regime '{r['name']}': unknown keys {sorted(unknown)}; known: {sorted(REGIME_KEYS)}")
+        listed = r.get("rows")
+        bad = [n for n in listed or [] if n not in names]
+        if bad:
+            raise ConfigError(f"regime '{r['name']}': rows {bad} are not rows of the grid")
+        per_class, tasks = r.get("labels_per_class"), r.get("tasks")
+        out.append(Regime(str(r["name"]), str(r.get("label") or r["name"]), None if per_class is None else int(per_class),
+                          dict(r.get("set") or {}), dict(r.get("task_set") or {}),
+                          None if listed is None else tuple(str(n) for n in listed),
+                          None if tasks is None else tuple(str(t) for t in tasks)))
+    if len({r.name for r in out}) != len(out):
+        raise ConfigError("experiment config: two regimes have the same name")
+    return out
+
+
 # --------------------------------------------------------------------------- jobs
 @dataclass
 class Job:
@@ -165,6 +222,7 @@ class ExperimentGrid:
         self.cfg = copy.deepcopy(dict(cfg))
         self.out = Path(out)
         self.rows = parse_rows(self.cfg, seeds)
+        self.regimes = parse_regimes(self.cfg, self.rows)
         self.tasks = [str(t) for t in self.cfg["tasks"]]
         self.only = set(only or [])
         known = {r.name for r in self.rows} | {n for r in self.rows for n in self._drop_names(r)}
@@ -186,8 +244,17 @@ class ExperimentGrid:
     def organ_path(self, task: str) -> Path:
         return self.out / "organs" / f"{task}.yaml"
 
-    def pretrain_dir(self, setting: str, seed: int) -> Path:
-        return self.out / "pretrain" / f"{setting}_seed{seed}"
+    @property
+    def pretrain_per_task(self) -> bool:
+        """One stage-1 run per task (``pretrain.config`` maps tasks to configs) or one for all tasks."""
+        return isinstance((self.cfg.get("pretrain") or {}).get("config"), Mapping)
+
+    def pretrain_scope(self, task: str) -> str:
+        """The stage-1 run of ``task``: ``""`` (one run on every task) or the task's name."""
+        return task if self.pretrain_per_task else ""
+
+    def pretrain_dir(self, setting: str, seed: int, scope: str = "") -> Path:
+        return self.out / "pretrain" / scope / f"{setting}_seed{seed}"
 
     def pretrain_seed(self, seed: int) -> int:
         """The stage-1 run a fine-tuning seed starts from: its own seed, or ``pretrain.seed`` when
@@ -195,8 +262,11 @@ class ExperimentGrid:
         shared = (self.cfg.get("pretrain") or {}).get("seed")
         return int(seed) if shared is None else int(shared)
 
-    def run_dir(self, task: str, row: str, seed: int) -> Path:
-        return self.out / "runs" / task / row / f"seed{seed}"
+    def run_dir(self, task: str, row: str, seed: int, regime: str = "") -> Path:
+        return self.out / "runs" / task / regime / row / f"seed{seed}"
+
+    def regime(self, name: str) -> Regime:
+        return next(r for r in self.regimes if r.name == name)
 
     # ---------------------------------------------------------------- organs and configs
     def organ_config(self, task: str) -> OrganConfig:
@@ -210,11 +280,14 @@ class ExperimentGrid:
     def _arch(self) -> Any:
         return (self.cfg.get("encoder") or {}).get("arch")
 
-    def pretrain_config(self, setting: str, seed: int) -> dict[str, Any]:
+    def pretrain_config(self, setting: str, seed: int, scope: str = "") -> dict[str, Any]:
         p = dict(self.cfg.get("pretrain") or {})
-        cfg = load_config(p.get("config", "default"), "pretrain", list(p.get("overrides") or []))
+        name = p.get("config", "default")
+        name = name[scope] if isinstance(name, Mapping) else name
+        cfg = load_config(name, "pretrain", list(p.get("overrides") or []))
         cfg = deep_merge(cfg, p.get("set") or {})
-        cfg["data"]["organs"] = [str(self.organ_path(t)) for t in self.tasks]
+        cfg = deep_merge(cfg, (p.get("task_set") or {}).get(scope) or {})
+        cfg["data"]["organs"] = [str(self.organ_path(t)) for t in ([scope] if scope else self.tasks)]
         if self._arch() is not None:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
         cfg["encoder"]["modality_aware"] = setting == "aware"
@@ -222,17 +295,24 @@ class ExperimentGrid:
         cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
         return cfg
 
-    def finetune_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
+    def labels_per_class(self, row: Row, regime: Regime) -> int | None:
+        """A row's own ``labels_per_class``, else its regime's (``None``: every training label)."""
+        own = row.options.get("labels_per_class")
+        return int(own) if own is not None else regime.labels_per_class
+
+    def finetune_config(self, task: str, row: Row, seed: int, regime: Regime | None = None) -> dict[str, Any]:
+        regime = regime or self.regimes[0]
         f = dict(self.cfg.get("finetune") or {})
         name = f.get("config", task)
         name = name.get(task, task) if isinstance(name, Mapping) else name
         cfg = load_config(name, "finetune", list(f.get("overrides") or []))
-        cfg = deep_merge(cfg, f.get("set") or {})
-        cfg = deep_merge(cfg, (f.get("task_set") or {}).get(task) or {})
-        cfg = deep_merge(cfg, row.options.get("set") or {})
+        for part in (f.get("set"), (f.get("task_set") or {}).get(task), regime.set, regime.task_set.get(task),
+                     row.options.get("set")):
+            cfg = deep_merge(cfg, part or {})
         cfg = apply_overrides(cfg, list(row.options.get("overrides") or []))
-        if row.options.get("labels_per_class") is not None:
-            cfg.setdefault("data", {})["labels_per_class"] = int(row.options["labels_per_class"])
+        per_class = self.labels_per_class(row, regime)
+        if per_class is not None:
+            cfg.setdefault("data", {})["labels_per_class"] = per_class
         cfg["organ"] = str(self.organ_path(task))
         if self._arch() is not None:
             cfg.setdefault("encoder", {})["arch"] = copy.deepcopy(self._arch())
@@ -241,16 +321,19 @@ class ExperimentGrid:
         cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
         return cfg
 
-    def cnn_config(self, task: str, row: Row, seed: int) -> dict[str, Any]:
+    def cnn_config(self, task: str, row: Row, seed: int, regime: Regime | None = None) -> dict[str, Any]:
         """Training settings default to the task's stage-2 ones (same pipeline and budget)."""
-        ft = self.finetune_config(task, Row(row.name, "medmap", row.label, row.seeds, row.tasks), seed)
+        regime = regime or self.regimes[0]
+        as_medmap = Row(row.name, "medmap", row.label, row.seeds, row.tasks,
+                        {k: v for k, v in row.options.items() if k == "labels_per_class"})
+        ft = self.finetune_config(task, as_medmap, seed, regime)
         t = ft.get("training") or {}
         training = {k: t[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip",
                                       "precision", "select_metric") if k in t}
         training = {**training, **(row.options.get("training") or {}), "seed": int(seed)}
         return {"organ": ft["organ"], "net": copy.deepcopy(row.options.get("net") or {"name": "DenseNet121"}),
                 "training": training, "data": {"augment": (ft.get("data") or {}).get("augment"),
-                                               "labels_per_class": row.options.get("labels_per_class")},
+                                               "labels_per_class": self.labels_per_class(row, regime)},
                 "run": {"device": self.device}}
 
     # ---------------------------------------------------------------- plan
@@ -278,61 +361,59 @@ class ExperimentGrid:
     def _selected(self, row: Row, name: str | None = None) -> bool:
         return not self.only or row.name in self.only or (name is not None and name in self.only)
 
+    def _wanted_by_a_drop_row(self, row: Row, task: str, seed: int, regime: Regime) -> bool:
+        return any(d.kind == "drop_modality" and d.options["source"] == row.name and task in d.tasks
+                   and seed in d.seeds and regime.has(d, task)
+                   and (self._selected(d) or any(n in self.only for n in self._drop_names(d))) for d in self.rows)
+
     def jobs(self) -> list[Job]:
         """Every job of the grid (filtered by ``only``, with the jobs they depend on), in run order."""
         runs: list[Job] = []
-        needed_pretrain: set[tuple[str, int]] = set()
+        needed_pretrain: set[tuple[str, str, int]] = set()
         by_name = {r.name: r for r in self.rows}
-        for row in self.rows:
-            if row.kind == "drop_modality":
-                continue
-            for task in row.tasks:
-                for seed in row.seeds:
-                    selected = self._selected(row)
-                    # a selected drop_modality row needs its source runs
-                    for d in self.rows:
-                        if d.kind == "drop_modality" and d.options["source"] == row.name and task in d.tasks \
-                                and seed in d.seeds and (self._selected(d) or any(n in self.only for n in self._drop_names(d))):
-                            selected = True
-                    if not selected:
-                        continue
-                    setting = row.pretrain_setting()
-                    pseed = self.pretrain_seed(seed)
-                    needs = ("data",) + ((f"pretrain:{setting}:{pseed}",) if setting else ())
-                    if setting:
-                        needed_pretrain.add((setting, pseed))
-                    runs.append(self._run_job(task, row, seed, needs))
-        for row in self.rows:
-            if row.kind != "drop_modality":
-                continue
-            src = by_name[row.options["source"]]
-            for task in [t for t in row.tasks if t in src.tasks]:
-                for m in self._drop_modalities(row, task):
-                    name = f"{src.name}_without_{m}"
-                    if not self._selected(row, name):
-                        continue
-                    for seed in [s for s in row.seeds if s in src.seeds]:  # only runs the source row makes
-                        runs.append(self._drop_job(task, row, src, m, seed))
-        pre = [self._pretrain_job(s, seed) for s, seed in sorted(needed_pretrain, key=lambda x: (x[1], x[0]))]
+        for regime in self.regimes:
+            for row in [r for r in self.rows if r.kind != "drop_modality" and regime.has(r)]:
+                for task in [t for t in row.tasks if regime.has(row, t)]:
+                    for seed in row.seeds:
+                        if not (self._selected(row) or self._wanted_by_a_drop_row(row, task, seed, regime)):
+                            continue
+                        setting, scope, pseed = row.pretrain_setting(), self.pretrain_scope(task), self.pretrain_seed(seed)
+                        needs = ("data",) + ((_pretrain_key(scope, setting, pseed),) if setting else ())
+                        if setting:
+                            needed_pretrain.add((scope, setting, pseed))
+                        runs.append(self._run_job(task, row, seed, regime, needs))
+            for row in [r for r in self.rows if r.kind == "drop_modality" and regime.has(r)]:
+                src = by_name[row.options["source"]]
+                if not regime.has(src):
+                    continue
+                for task in [t for t in row.tasks if t in src.tasks and regime.has(src, t)]:
+                    for m in self._drop_modalities(row, task):
+                        if not self._selected(row, f"{src.name}_without_{m}"):
+                            continue
+                        for seed in [s for s in row.seeds if s in src.seeds]:  # only runs the source row makes
+                            runs.append(self._drop_job(task, src, m, seed, regime))
+        pre = [self._pretrain_job(*k) for k in sorted(needed_pretrain, key=lambda x: (x[2], x[0], x[1]))]
         return [self._data_job(), *pre, *runs]
 
     def _data_job(self) -> Job:
         return Job("data", f"data: {self.study_list}", self.study_list.is_file, self._make_data)
 
-    def _pretrain_job(self, setting: str, seed: int) -> Job:
-        d = self.pretrain_dir(setting, seed)
-        return Job(f"pretrain:{setting}:{seed}", f"stage 1 ({setting} encoders, seed {seed}): {d}",
-                   lambda: (d / PRETRAIN_DONE).is_file(), lambda: self._pretrain(setting, seed), ("data",))
+    def _pretrain_job(self, scope: str, setting: str, seed: int) -> Job:
+        d = self.pretrain_dir(setting, seed, scope)
+        what = f"{scope}, " if scope else ""
+        return Job(_pretrain_key(scope, setting, seed), f"stage 1 ({what}{setting} encoders, seed {seed}): {d}",
+                   lambda: (d / PRETRAIN_DONE).is_file(), lambda: self._pretrain(setting, seed, scope), ("data",))
 
-    def _run_job(self, task: str, row: Row, seed: int, needs: tuple[str, ...]) -> Job:
-        d = self.run_dir(task, row.name, seed)
+    def _run_job(self, task: str, row: Row, seed: int, regime: Regime, needs: tuple[str, ...]) -> Job:
+        d = self.run_dir(task, row.name, seed, regime.name)
         metrics = d / "metrics" / "test" / "metrics.json"
-        return Job(f"run:{task}:{row.name}:{seed}", f"{task} / {row.name} ({row.kind}), seed {seed}: {d}",
-                   metrics.is_file, lambda: self._run(task, row, seed), needs,
-                   lambda: _result(metrics, task, row.name, seed, row.label))
+        where = f"{task}{'/' + regime.name if regime.name else ''}"
+        return Job(_run_key(task, regime.name, row.name, seed), f"{where} / {row.name} ({row.kind}), seed {seed}: {d}",
+                   metrics.is_file, lambda: self._run(task, row, seed, regime), needs,
+                   lambda: _result(metrics, task, row.name, seed, row.label, regime.name))
 
-    def _drop_job(self, task: str, row: Row, src: Row, modality: str, seed: int) -> Job:
-        d = self.run_dir(task, src.name, seed)
+    def _drop_job(self, task: str, src: Row, modality: str, seed: int, regime: Regime) -> Job:
+        d = self.run_dir(task, src.name, seed, regime.name)
         metrics = d / "metrics" / f"test_without_{modality}" / "metrics.json"
         name = f"{src.name}_without_{modality}"
         label = f"{src.label}, {modality} dropped at test"
@@ -343,8 +424,10 @@ class ExperimentGrid:
             return evaluate_run(d, split="test", n_bootstrap=self.n_bootstrap, drop_modalities=[modality],
                                 device=self.device)
 
-        return Job(f"drop:{task}:{name}:{seed}", f"{task} / {name}, seed {seed}: {metrics.parent}", metrics.is_file,
-                   run, (f"run:{task}:{src.name}:{seed}",), lambda: _result(metrics, task, name, seed, label))
+        where = f"{task}{'/' + regime.name if regime.name else ''}"
+        return Job(_run_key(task, regime.name, name, seed, "drop"), f"{where} / {name}, seed {seed}: {metrics.parent}",
+                   metrics.is_file, run, (_run_key(task, regime.name, src.name, seed),),
+                   lambda: _result(metrics, task, name, seed, label, regime.name))
 
     # ---------------------------------------------------------------- work
     def write_organs(self) -> None:
@@ -380,47 +463,48 @@ class ExperimentGrid:
                 studies.append(_replace(s, meta=meta))
         return write_study_list(studies, self.study_list)
 
-    def _pretrain(self, setting: str, seed: int) -> Any:
+    def _pretrain(self, setting: str, seed: int, scope: str = "") -> Any:
         from medmap.engines.pretrain import run_pretraining
 
-        d = self.pretrain_dir(setting, seed)
-        metrics = run_pretraining(self.pretrain_config(setting, seed), self.study_list, d, resume=True)
-        atomic_write_json(d / PRETRAIN_DONE, {"setting": setting, "seed": seed, "metrics": metrics})
+        d = self.pretrain_dir(setting, seed, scope)
+        metrics = run_pretraining(self.pretrain_config(setting, seed, scope), self.study_list, d, resume=True)
+        atomic_write_json(d / PRETRAIN_DONE, {"setting": setting, "seed": seed, "scope": scope, "metrics": metrics})
         return metrics
 
-    def _run(self, task: str, row: Row, seed: int) -> Any:
-        d = self.run_dir(task, row.name, seed)
+    def _run(self, task: str, row: Row, seed: int, regime: Regime) -> Any:
+        d = self.run_dir(task, row.name, seed, regime.name)
+        per_class = self.labels_per_class(row, regime)
+        setting = row.pretrain_setting()
+        stage1 = self.pretrain_dir(setting, self.pretrain_seed(seed), self.pretrain_scope(task)) if setting else None
         if row.kind == "medmap":
             from medmap.engines.evaluate import evaluate_run
             from medmap.engines.finetune import run_finetuning
 
             if not (d / "metrics" / "finetune_summary.json").is_file():
-                setting = row.pretrain_setting()
-                init = self.pretrain_dir(setting, self.pretrain_seed(seed)) if setting else None
-                run_finetuning(self.finetune_config(task, row, seed), self.study_list, d, resume=True, init=init)
+                run_finetuning(self.finetune_config(task, row, seed, regime), self.study_list, d, resume=True, init=stage1)
             return evaluate_run(d, split="test", n_bootstrap=self.n_bootstrap, device=self.device)
         if row.kind == "cnn":
             from medmap.experiments.baselines import run_cnn_baseline
 
-            return run_cnn_baseline(self.cnn_config(task, row, seed), self.study_list, d, self.n_bootstrap)
+            return run_cnn_baseline(self.cnn_config(task, row, seed, regime), self.study_list, d, self.n_bootstrap)
         if row.kind == "linear_probe":
             from medmap.experiments.baselines import run_linear_probe
 
-            return run_linear_probe(self.pretrain_dir(str(row.pretrain_setting()), self.pretrain_seed(seed)), self.study_list,
-                                    self.organ_path(task), d, seed=seed, n_bootstrap=self.n_bootstrap,
-                                    pool=str(row.options.get("pool", "concat")),
+            return run_linear_probe(stage1, self.study_list, self.organ_path(task), d, seed=seed,
+                                    n_bootstrap=self.n_bootstrap, pool=str(row.options.get("pool", "concat")),
                                     cs=[float(c) for c in row.options.get("cs", (0.01, 0.1, 1.0, 10.0))],
-                                    device=self.device)
+                                    device=self.device, labels_per_class=per_class)
         if row.kind == "intensity":
             from medmap.experiments.baselines import run_intensity_baseline
 
             return run_intensity_baseline(self.study_list, self.organ_path(task), d, seed=seed,
-                                          n_bootstrap=self.n_bootstrap, workers=int(row.options.get("workers", 1)))
+                                          n_bootstrap=self.n_bootstrap, workers=int(row.options.get("workers", 1)),
+                                          labels_per_class=per_class)
         raise ConfigError(f"row '{row.name}': kind {row.kind!r} is not a run")  # pragma: no cover
 
     def label_efficiency_points(self, results: Sequence[RunResult]) -> dict[str, list[tuple[str, float, float]]]:
         """Per task, ``(curve, labelled studies per class, balanced accuracy)`` of every finished run of
-        a row with a ``curve``; a row without ``labels_per_class`` sits at the train split's mean count
+        a row with a ``curve``; a run with every training label sits at the train split's mean count
         per class."""
         rows = {r.name: r for r in self.rows if r.options.get("curve")}
         out: dict[str, list[tuple[str, float, float]]] = {}
@@ -430,7 +514,7 @@ class ExperimentGrid:
             score = res.metrics.get("balanced_accuracy")
             if row is None or score is None:
                 continue
-            x = row.options.get("labels_per_class")
+            x = self.labels_per_class(row, self.regime(res.regime))
             if x is None:
                 if res.task not in full:
                     from medmap.experiments.baselines import labelled_splits
@@ -454,17 +538,25 @@ class ExperimentGrid:
         return out
 
 
+def _pretrain_key(scope: str, setting: str, seed: int) -> str:
+    return f"pretrain:{scope + ':' if scope else ''}{setting}:{seed}"
+
+
+def _run_key(task: str, regime: str, row: str, seed: int, kind: str = "run") -> str:
+    return f"{kind}:{task}:{regime + ':' if regime else ''}{row}:{seed}"
+
+
 def _replace(study: Any, **changes: Any) -> Any:
     import dataclasses
 
     return dataclasses.replace(study, **changes)
 
 
-def _result(path: Path, task: str, row: str, seed: int, label: str) -> RunResult | None:
+def _result(path: Path, task: str, row: str, seed: int, label: str, regime: str = "") -> RunResult | None:
     import json
 
     try:
-        return RunResult(task, row, seed, json.loads(path.read_text()), label)
+        return RunResult(task, row, seed, json.loads(path.read_text()), label, regime)
     except (OSError, ValueError):
         return None
 
@@ -638,11 +730,16 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
 
 
 def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None) -> dict[str, Path]:
-    """(Re)write ``results.md``, ``results.csv`` and ``runs.csv`` from every finished run in ``out``."""
+    """(Re)write ``results.md``, ``results.csv`` and ``runs.csv`` from every finished run in ``out``,
+    and, for a grid with ``claims``, ``claims.md``, ``claims.csv`` and ``rows.png``."""
     grid = ExperimentGrid(cfg, out, seeds)
     notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
     results = grid.results()
-    paths = write_tables(results, grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes)
+    labels = {r.name: r.label for r in grid.regimes}
+    paths = write_tables(results, grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes,
+                         regime_labels=labels)
+    if cfg.get("claims"):
+        paths.update(write_claims_and_figure(grid, results))
     curves = grid.label_efficiency_points(results)
     for task, points in curves.items():
         from medmap.evaluation.plots import label_efficiency_plot
@@ -651,6 +748,42 @@ def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[i
         paths[f"label_efficiency_{task}"] = label_efficiency_plot(
             points, grid.out / f"label_efficiency_{task}.png", title=f"{task}: label efficiency (test split)",
             chance=1.0 / organ.num_classes)
+    return paths
+
+
+def _predictions_path(grid: ExperimentGrid, r: RunResult) -> Path:
+    """Where a finished run's test predictions are (a dropped-sequence row: its source run's folder)."""
+    if "_without_" in r.row and r.row.split("_without_")[0] in {x.name for x in grid.rows}:
+        src, seq = r.row.split("_without_", 1)
+        return grid.run_dir(r.task, src, r.seed, r.regime) / "metrics" / f"test_without_{seq}" / "predictions.csv"
+    return grid.run_dir(r.task, r.row, r.seed, r.regime) / "metrics" / "test" / "predictions.csv"
+
+
+def write_claims_and_figure(grid: ExperimentGrid, results: Sequence[RunResult]) -> dict[str, Path]:
+    """Each claim's paired difference (``claims.md`` / ``.csv``, :mod:`medmap.experiments.claims`) and
+    one figure panel per task and regime with every row's score (``rows.png``)."""
+    from medmap.evaluation.plots import row_scores_figure
+    from medmap.experiments.claims import measure_claims, parse_claims, row_scores, write_claims
+
+    runs: dict[tuple[str, str, str], dict[str, Path]] = {}
+    label_of: dict[str, str] = {}
+    for r in results:
+        path = _predictions_path(grid, r)
+        if path.is_file():
+            runs.setdefault((r.task, r.regime, r.row), {})[str(r.seed)] = path
+            label_of[r.row] = r.label
+    classes = {t: list(grid.organ_config(t).classes) for t in grid.tasks}
+    labels = {r.name: r.label for r in grid.regimes}
+    n_boot = max(grid.n_bootstrap, 1000)
+    paths = write_claims(measure_claims(parse_claims(grid.cfg.get("claims")), runs, classes, n_boot), grid.out, labels)
+    panels = []
+    for task, regime in dict.fromkeys((t, g) for t, g, _ in runs):
+        rows = [(label_of[row], *row_scores(seed_paths, classes[task], n_boot))
+                for (t, g, row), seed_paths in runs.items() if (t, g) == (task, regime) and "_without_" not in row]
+        title = f"{task}: {labels.get(regime, regime)}" if regime else task
+        panels.append((title, rows, 1.0 / len(classes[task])))
+    if panels:
+        paths["rows_figure"] = row_scores_figure(panels, grid.out / "rows.png")
     return paths
 
 

@@ -56,6 +56,7 @@ class RunResult:
     seed: int
     metrics: Mapping[str, Any]
     label: str = ""
+    regime: str = ""  #: the label regime of the grid (``""`` when the grid has none)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class TableRow:
     seeds: list[int]
     n_test: list[int]
     summary: dict[str, MetricSummary] = field(default_factory=dict)
+    regime: str = ""
 
 
 def _num(x: Any) -> float | None:
@@ -111,15 +113,15 @@ def summarise_metric(values: Sequence[float | None], cis: Sequence[Sequence[floa
 
 
 def aggregate(results: Iterable[RunResult], metrics: Sequence[str] = TABLE_METRICS) -> list[TableRow]:
-    """Group run results by ``(task, row)`` (first-seen order) and summarise each metric."""
-    groups: dict[tuple[str, str], list[RunResult]] = {}
+    """Group run results by ``(task, regime, row)`` (first-seen order) and summarise each metric."""
+    groups: dict[tuple[str, str, str], list[RunResult]] = {}
     for r in results:
-        groups.setdefault((r.task, r.row), []).append(r)
+        groups.setdefault((r.task, r.regime, r.row), []).append(r)
     rows: list[TableRow] = []
-    for (task, row), rs in groups.items():
+    for (task, regime, row), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.seed)
         out = TableRow(task, row, next((r.label for r in rs if r.label), row), [r.seed for r in rs],
-                       [int(r.metrics.get("n", 0) or 0) for r in rs])
+                       [int(r.metrics.get("n", 0) or 0) for r in rs], regime=regime)
         for m in metrics:
             out.summary[m] = summarise_metric([r.metrics.get(m) for r in rs],
                                               [(r.metrics.get("ci") or {}).get(m) for r in rs])
@@ -148,8 +150,9 @@ def format_cell(s: MetricSummary, with_ci: bool, digits: int = 3) -> str:
 
 
 def render_markdown(rows: Sequence[TableRow], title: str = "Results", notes: Sequence[str] = (),
-                    metrics: Sequence[str] = TABLE_METRICS) -> str:
-    """One Markdown table per task; cells are ``mean ± std [95% CI]`` (see the module docstring)."""
+                    metrics: Sequence[str] = TABLE_METRICS, regime_labels: Mapping[str, str] | None = None) -> str:
+    """One Markdown table per task and label regime; cells are ``mean ± std [95% CI]`` (see the
+    module docstring)."""
     lines = [f"# {title}", ""]
     lines += [f"{n}" for n in notes]
     if notes:
@@ -158,10 +161,11 @@ def render_markdown(rows: Sequence[TableRow], title: str = "Results", notes: Seq
               f"{', '.join(METRIC_LABELS[m] for m in CI_IN_MARKDOWN if m in metrics)}, the bootstrap 95% CI over "
               "test studies in brackets (for several seeds: mean of the per-seed bounds). "
               "n/a: undefined on this test split (e.g. AUC with one class present).", ""]
-    for task in dict.fromkeys(r.task for r in rows):
-        trs = [r for r in rows if r.task == task]
+    for task, regime in dict.fromkeys((r.task, r.regime) for r in rows):
+        trs = [r for r in rows if r.task == task and r.regime == regime]
         head = ["row", "seeds", "n test", *[METRIC_LABELS.get(m, m) for m in metrics]]
-        lines += [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        heading = f"{task}: {(regime_labels or {}).get(regime, regime)}" if regime else task
+        lines += [f"## {heading}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in trs:
             n = sorted(set(r.n_test))
             cells = [r.label, str(len(r.seeds)), "/".join(str(x) for x in n)]
@@ -175,13 +179,13 @@ def render_csv(rows: Sequence[TableRow], metrics: Sequence[str] = TABLE_METRICS)
     """The aggregated table as CSV: per metric ``_mean``, ``_std``, ``_ci_low``, ``_ci_high``, ``_n``."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["task", "row", "label", "n_seeds", "seeds", "n_test"]
+    head = ["task", "regime", "row", "label", "n_seeds", "seeds", "n_test"]
     for m in metrics:
         head += [f"{m}_mean", f"{m}_std", f"{m}_ci_low", f"{m}_ci_high", f"{m}_n"]
     w.writerow(head)
     fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
     for r in rows:
-        line = [r.task, r.row, r.label, len(r.seeds), " ".join(map(str, r.seeds)), " ".join(map(str, r.n_test))]
+        line = [r.task, r.regime, r.row, r.label, len(r.seeds), " ".join(map(str, r.seeds)), " ".join(map(str, r.n_test))]
         for m in metrics:
             s = r.summary[m]
             line += [fmt(s.mean), fmt(s.std), fmt(s.ci_low), fmt(s.ci_high), s.n_values]
@@ -193,12 +197,12 @@ def render_runs_csv(results: Sequence[RunResult], metrics: Sequence[str] = TABLE
     """Every run on its own line (task, row, seed, n, each metric and its CI)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["task", "row", "seed", "n_test"]
+    head = ["task", "regime", "row", "seed", "n_test"]
     for m in metrics:
         head += [m, f"{m}_ci_low", f"{m}_ci_high"]
     w.writerow(head)
     for r in results:
-        line: list[Any] = [r.task, r.row, r.seed, r.metrics.get("n", "")]
+        line: list[Any] = [r.task, r.regime, r.row, r.seed, r.metrics.get("n", "")]
         for m in metrics:
             v = _num(r.metrics.get(m))
             ci = (r.metrics.get("ci") or {}).get(m) or [None, None]
@@ -208,12 +212,13 @@ def render_runs_csv(results: Sequence[RunResult], metrics: Sequence[str] = TABLE
 
 
 def write_tables(results: Sequence[RunResult], out_dir: str | Path, title: str = "Results",
-                 notes: Sequence[str] = ()) -> dict[str, Path]:
+                 notes: Sequence[str] = (), regime_labels: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv`` (aggregated) and ``runs.csv`` (per run) into ``out_dir``."""
     out_dir = Path(out_dir)
     rows = aggregate(results)
     return {
-        "markdown": atomic_write_text(out_dir / "results.md", render_markdown(rows, title, notes)),
+        "markdown": atomic_write_text(out_dir / "results.md",
+                                      render_markdown(rows, title, notes, regime_labels=regime_labels)),
         "csv": atomic_write_text(out_dir / "results.csv", render_csv(rows)),
         "runs_csv": atomic_write_text(out_dir / "runs.csv", render_runs_csv(list(results))),
     }

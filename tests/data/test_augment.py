@@ -68,3 +68,27 @@ def test_disabled_and_bad_config():
         build_augmentation({"noise": {"prob": 2}}, seed=0)
     with pytest.raises(ConfigError, match="'flip': unknown keys"):
         build_augmentation({"flip": {"p": 0.5}}, seed=0)
+
+
+def test_sequence_dropout_removes_present_sequences_and_keeps_one():
+    s = _sample(m=6, missing=2)
+    always = build_augmentation({**OFF, "sequence_dropout": {"prob": 1.0}}, seed=3)
+    for _ in range(5):
+        out = always(s)
+        kept = [i for i in range(6) if out["present"][i]]
+        assert len(kept) == 1 and kept[0] != 2  # one present sequence survives; the missing one stays missing
+        assert all(torch.count_nonzero(out["images"][i]) == 0 for i in range(6) if i not in kept)
+        assert torch.equal(out["images"][kept[0]], s["images"][kept[0]])  # the kept one is untouched
+    assert torch.equal(s["present"], torch.tensor([True, True, False, True, True, True]))  # input not modified
+    some = build_augmentation({**OFF, "sequence_dropout": {"prob": 0.5}}, seed=3)
+    counts = {int(some(s)["present"].sum()) for _ in range(20)}
+    assert len(counts) > 1 and max(counts) <= 5 and min(counts) >= 1
+
+
+def test_sequence_dropout_leaves_the_other_draws_unchanged():
+    s = _sample()
+    plain = build_augmentation(None, seed=5)(s)
+    with_dropout = build_augmentation({"sequence_dropout": {"prob": 0.5}}, seed=5)(s)
+    for i in range(3):
+        if with_dropout["present"][i]:
+            assert torch.equal(with_dropout["images"][i], plain["images"][i])

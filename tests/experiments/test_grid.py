@@ -164,9 +164,10 @@ def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Pat
     assert [k for k in keys if k.startswith("pretrain")] == ["pretrain:aware:0", "pretrain:shared:0",
                                                              "pretrain:aware:1", "pretrain:shared:1"]
     assert sum(k.startswith("run:") for k in keys) == 4
-    paper = load_experiment_config("paper_grid")
+    paper = load_experiment_config("paper_grid")  # one stage-1 run per task and setting, shared by the seeds
     jobs = ExperimentGrid(paper, tmp_path).jobs()
-    assert sum(j.key.startswith("pretrain") for j in jobs) == 2 * len(paper["seeds"])
+    assert [j.key for j in jobs if j.key.startswith("pretrain")] == [
+        "pretrain:brain:aware:0", "pretrain:liver:aware:0", "pretrain:liver:shared:0"]
 
 
 @pytest.mark.parametrize("row, match", [
@@ -222,15 +223,54 @@ def test_rendered_tables() -> None:
     assert vals["accuracy_ci_low"] == "0.550000" and vals["seeds"] == "0 1" and vals["macro_auc_mean"] == ""
 
 
-@pytest.mark.parametrize("name", ["paper_grid", "liver_lesion", "tiny"])
+@pytest.mark.parametrize("name", ["paper_grid", "liver_lesion", "brain", "tiny"])
 def test_every_built_in_experiment_plans(tmp_path: Path, name: str) -> None:
     cfg = load_experiment_config(name)
     grid = ExperimentGrid(cfg, tmp_path)
     keys = [j.key for j in grid.jobs()]
     assert keys[0] == "data" and any(k.startswith("run:") for k in keys)
-    for task in cfg["tasks"]:  # every medmap row builds its stage-2 config, with its label budget
-        for row in grid.rows:
-            if row.kind == "medmap":
-                ft = grid.finetune_config(task, row, 3)
-                assert ft["training"]["seed"] == 3
-                assert (ft.get("data") or {}).get("labels_per_class") == row.options.get("labels_per_class")
+    for regime in grid.regimes:  # every medmap row builds its stage-2 config, with its label budget
+        for task in cfg["tasks"]:
+            for row in grid.rows:
+                if row.kind == "medmap" and regime.has(row, task):
+                    ft = grid.finetune_config(task, row, 3, regime)
+                    assert ft["training"]["seed"] == 3
+                    assert (ft.get("data") or {}).get("labels_per_class") == grid.labels_per_class(row, regime)
+
+
+def test_regimes_and_claims_end_to_end(tmp_path: Path) -> None:
+    cfg = load_experiment_config("tiny")
+    cfg["rows"] = [r for r in cfg["rows"] if r["name"] in ("full", "no_csa", "intensity", "missing")]
+    cfg["regimes"] = [{"name": "all", "label": "all labels"},
+                      {"name": "low", "label": "1 per class", "labels_per_class": 1, "rows": ["full", "intensity"],
+                       "task_set": {"liver": {"training": {"epochs": 2}}}}]
+    cfg["claims"] = [{"name": "csa", "claim": "CSA helps", "a": "full", "b": "no_csa", "paper_points": 4.32},
+                     {"name": "vs_intensity", "a": "full", "b": "intensity"}]
+    out = tmp_path / "g"
+    report = run_grid(cfg, out, fail_fast=True, log=lambda _: None)
+    assert not report.failed
+    assert sorted(p.parent.name for p in (out / "runs/liver/low").glob("*/seed0")) == ["full", "intensity"]
+    low = yaml.safe_load((out / "runs/liver/low/full/seed0/config.yaml").read_text())
+    assert low["data"]["labels_per_class"] == 1 and low["training"]["epochs"] == 2
+    intensity = json.loads((out / "runs/liver/low/intensity/seed0/metrics/test/metrics.json").read_text())
+    assert intensity["context"]["n_train"] == 3  # one per class of the three classes
+    for row in ("intensity", "no_csa"):  # every kind of run leaves its per-study predictions
+        assert (out / f"runs/liver/all/{row}/seed0/metrics/test/predictions.csv").is_file()
+    md = (out / "results.md").read_text()
+    assert "## liver: all labels" in md and "## liver: 1 per class" in md
+    claims = (out / "claims.md").read_text()
+    assert "| CSA helps | full | no_csa | 1 |" in claims and "arterial adds to full" in claims
+    assert claims.count("| full | intensity |") == 2  # both regimes
+    assert (out / "rows.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("regimes, match", [
+    ([{"name": "low", "rows": ["nope"]}], "not rows of the grid"),
+    ([{"name": "low", "epochs": 3}], "unknown keys \\['epochs'\\]"),
+    ([{"name": "a"}, {"name": "a"}], "same name"),
+])
+def test_bad_regimes_are_clear_config_errors(tmp_path: Path, regimes: list, match: str) -> None:
+    cfg = load_experiment_config("tiny")
+    cfg["regimes"] = regimes
+    with pytest.raises(ConfigError, match=match):
+        ExperimentGrid(cfg, tmp_path)
