@@ -1,7 +1,7 @@
 """``medmap bench``: speed and memory of the default brain and liver configurations.
 
-Runs ``benchmarks/perf.py`` from the source checkout (the benchmark is a development tool,
-not part of the installed library): pre-training and fine-tuning steps per second,
+Runs :mod:`medmap.benchmark` (shipped with the package, so an installed wheel can run it):
+pre-training and fine-tuning steps per second,
 prediction latency, peak memory, FLOPs against this machine's measured matmul peak,
 float32 vs bfloat16, and the naive-vs-optimised fine-tuning ratio. Figures are printed
 (and written with ``--json``), never asserted.
@@ -10,22 +10,20 @@ Example::
 
     medmap bench --quick                     # about 3-5 minutes on 2 CPU cores
     medmap bench --iters 5 --json perf.json
-    python benchmarks/perf.py --quick        # the same, without the ``medmap`` entry point
+    python -m medmap.benchmark --quick       # the same, without the ``medmap`` entry point
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-from medmap.errors import MedMAPError
 
 ALL_SECTIONS = ("peak", "finetune", "pretrain", "predict", "data", "naive", "knobs", "compile")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared by ``medmap bench`` and ``benchmarks/perf.py``)."""
+    """The benchmark's options (shared by ``medmap bench`` and ``python -m medmap.benchmark``)."""
     p.add_argument("--quick", action="store_true",
                    help="short run: 2 mm (99x117x95) input study instead of 1 mm (182x218x182), fewer repeats")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement (default 3; 2 with --quick)")
@@ -52,19 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_perf_script() -> object:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "perf.py"
-    if not path.is_file():
-        raise MedMAPError(f"medmap bench needs a source checkout of medmap ({path} not found); "
-                          "clone the repository and run it there")
-    spec = importlib.util.spec_from_file_location("medmap_benchmarks_perf", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(args: argparse.Namespace) -> int:
-    perf = _load_perf_script()
-    perf.run_benchmark(args)  # type: ignore[attr-defined]
+    from medmap.benchmark import run_benchmark  # heavy imports only when benchmarking
+
+    run_benchmark(args)
     return 0

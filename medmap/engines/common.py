@@ -117,7 +117,7 @@ def configure_threads(threads: int | None) -> None:
     """Set intra-op CPU threads for this process (``run.threads``; ``None`` keeps PyTorch's default).
 
     On a CPU shared by several processes (DDP ranks, data workers, other jobs), OpenMP
-    threads that outnumber the free cores spin against each other: ``benchmarks/perf.py``
+    threads that outnumber the free cores spin against each other: ``medmap.benchmark``
     measured a fine-tuning step at 0.82 s with 1 thread and 12.6 s with 2 threads on a busy
     2-core machine. Use ``cores / processes`` threads per process.
     """

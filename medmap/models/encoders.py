@@ -121,7 +121,7 @@ class PatchEmbed3d(nn.Module):
     Mathematically a ``Conv3d`` with ``kernel_size == stride == patch`` (tested), written as
     one matrix multiplication: in isolation its forward+backward on a full-resolution
     single-channel volume is several times faster on CPU than oneDNN's convolution; inside
-    a whole encoder step ``benchmarks/perf.py`` measured 1.6x for ``cnn_small`` and no
+    a whole encoder step ``medmap.benchmark`` measured 1.6x for ``cnn_small`` and no
     difference for ``vit_tiny`` (docs/performance.md).
     Input sizes that are not multiples of ``patch`` are cropped at the far end, like the
     convolution would.

@@ -1,4 +1,4 @@
-"""``medmap bench`` / ``benchmarks/perf.py``: the pieces its figures rest on (the full run is a
+"""``medmap bench`` / ``medmap.benchmark``: the pieces its figures rest on (the full run is a
 multi-minute measurement, not a test)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from medmap import benchmark as perf
 from medmap.cli import bench
 from medmap.cli.main import build_parser
 from medmap.models.encoders import PatchEmbed3d, build_encoder
 
-perf = bench._load_perf_script()
 TINY_VIT = {"type": "vit", "dim": 16, "depth": 1, "heads": 2, "patch_size": 4, "stem_channels": 0}
 TINY_CNN = {"type": "cnn", "channels": [4], "subunits": 1, "dim": 8, "stem_patch": 2, "stem_channels": 4}
 

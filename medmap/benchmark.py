@@ -25,8 +25,8 @@ Model throughput uses random tensors of each organ's ROI shape with every modali
 text encoder's width (384).
 
 Usage:
-    python benchmarks/perf.py [--quick] [--iters N] [--sections ...] [--json perf.json]
     medmap bench --quick
+    python -m medmap.benchmark [--quick] [--iters N] [--sections ...] [--json perf.json]
 """
 
 from __future__ import annotations
@@ -580,10 +580,10 @@ def compile_worker(arch: str, iters: int) -> dict[str, Any]:
 def section_compile(res: dict[str, Any], iters: int, timeout: float) -> None:
     arch = "vit_small"
     print(f"\n== torch.compile of one {arch} encoder (subprocess, limit {timeout:.0f} s) ==")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-worker", arch, "--iters", str(iters),
+    cmd = [sys.executable, "-m", "medmap.benchmark", "--compile-worker", arch, "--iters", str(iters),
            "--threads", str(torch.get_num_threads())]
     # caches off: the compile time of a first run, not of a warm ~/.cache or /tmp cache
-    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
