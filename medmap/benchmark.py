@@ -58,13 +58,15 @@ from medmap.config import OrganConfig, load_config, load_organ_config
 from medmap.data.cache import PreprocessCache
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study
-from medmap.engines.common import autocast_context, clip_gradients, save_resolved_config
-from medmap.engines.pretrain import build_loss, build_model
+from medmap.engines.common import clip_gradients, save_resolved_config
 from medmap.inference import ORGAN_FILE, StoredTextBank, load_run, save_text_bank
+from medmap.losses.contrastive import build_contrastive_loss
 from medmap.losses.finetune import build_medmap_loss
 from medmap.models.encoders import PatchEmbed3d, build_encoder
 from medmap.models.medmap import build_medmap_classifier
-from medmap.utils import atomic_write_text, bf16_is_fast_on_cpu, resolve_precision
+from medmap.models.pretrain import build_pretrain_model
+from medmap.precision import autocast_context, bf16_is_fast_on_cpu, resolve_precision
+from medmap.utils import atomic_write_text
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2
 DEVICE = torch.device("cpu")
@@ -327,8 +329,8 @@ def section_pretrain(res: dict[str, Any], iters: int) -> None:
     torch.manual_seed(0)
     cfg = load_config("default", "pretrain")
     organs = {name: load_organ_config(name) for name in cfg["data"]["organs"]}
-    model = build_model(cfg, organs, TEXT_DIM).train()
-    loss_fn = build_loss(cfg, model)
+    model = build_pretrain_model(cfg, organs, TEXT_DIM).train()
+    loss_fn = build_contrastive_loss(cfg, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["training"]["lr"]))
     bsz = int(cfg["training"]["batch_size"])
     params = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,8 @@ from medmap.data.preprocess import preprocess_volumes
 from medmap.data.studylist import LesionBox, Study
 from medmap.errors import CheckpointError, StudyListError, VolumeError
 from medmap.models.medmap import MedMAPClassifier, build_medmap_classifier
-from medmap.utils import atomic_write_bytes, atomic_write_json, pick_device, resolve_precision
+from medmap.precision import autocast_context
+from medmap.utils import atomic_write_bytes, atomic_write_json, pick_device
 
 TEXT_BANK_FILE = "text_bank.safetensors"
 ORGAN_FILE = "organ.yaml"
@@ -117,13 +117,11 @@ def predict_probabilities(
     Shared by the fine-tuning engine (validation) and :func:`medmap.engines.evaluate.evaluate_run`.
     """
     model.eval()
-    dtype = resolve_precision(precision, device)
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     ids: list[str] = []
     for batch in batches:
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
+        with autocast_context(precision, device):
             out = model(batch["images"].to(device), batch["present"].to(device), text_bank)
         probs.append(out["probs"].float().cpu().numpy())
         labels.append(batch["label"].cpu().numpy())
@@ -308,8 +306,7 @@ class MedMAPPredictor:
         sal_nii = sal_png = None
         # the probabilities come from one code path, with or without a saliency map, so that every
         # route (command line, API, evaluation) gives the same answer on the same machine
-        dtype = resolve_precision(self.precision, self.device)
-        with torch.no_grad(), (torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()):
+        with torch.no_grad(), autocast_context(self.precision, self.device):
             probs = self.model(images, present, self.text_bank)["probs"][0].float().cpu()
         t2 = time.perf_counter()
         if saliency_dir is not None:

@@ -84,52 +84,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def bf16_is_fast_on_cpu() -> bool:
-    """True when this CPU has native bfloat16 matrix units (AMX or AVX-512 BF16).
-
-    On CPUs without them, bfloat16 matmuls are emulated and far slower than float32
-    (measured on an AVX2-only AMD EPYC: 0.3 vs 129 GFLOP/s), so ``precision: auto`` must
-    not pick bfloat16 there.
-    """
-    flags = cpu_flags()
-    if flags is not None:
-        # oneDNN also reports bf16 "supported" on plain AVX-512 CPUs, where it is emulated: measured
-        # on an AVX-512 Xeon without avx512_bf16, a MedMAP liver step took 100 ms in bf16 vs 60 in fp32
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # pragma: no cover - very old torch builds
-        return False
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU feature flags from ``/proc/cpuinfo`` (Linux), or ``None`` where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Map ``auto|fp32|bf16|fp16`` to an autocast dtype (``None`` = no autocast)."""
-    precision = precision.lower()
-    if precision in ("fp32", "float32", "32"):
-        return None
-    if precision in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if precision in ("fp16", "float16", "16"):
-        return torch.float16
-    if precision == "auto":
-        if device.type == "cuda":  # float16 would need a gradient scaler; without bf16, train in float32
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if bf16_is_fast_on_cpu() else None
-    raise ValueError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
-
-
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@ Nothing here knows about MedMAP's models; an engine combines these pieces:
   checkpoints (``model.safetensors`` + ``state.pt``) written to a temporary folder and
   renamed into place, RNG state included, loaded with ``weights_only=True``;
 * :class:`RunLogger`: CSV + TensorBoard scalars, rank 0 only, resume-aware;
-* :func:`warmup_cosine_schedule`, :func:`autocast_context`, :func:`clip_gradients`;
+* :func:`warmup_cosine_schedule`, :func:`clip_gradients` (precision: :mod:`medmap.precision`);
 * :func:`save_resolved_config`, :func:`config_hash`, :func:`progress_bar`.
 
 A run folder looks like::
@@ -56,7 +56,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from medmap.errors import CheckpointError, ConfigError
-from medmap.utils import atomic_write_text, pick_device, resolve_precision, stable_hash
+from medmap.utils import atomic_write_text, pick_device, stable_hash
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -502,18 +502,6 @@ def warmup_cosine_schedule(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``auto|fp32|bf16|fp16`` (see :func:`medmap.utils.resolve_precision`).
-
-    ``auto`` means bf16 on GPUs that support it and on CPUs with native bf16, fp32 otherwise
-    (on AVX2-only CPUs bf16 is emulated and ~400x slower than fp32).
-    """
-    dtype = resolve_precision(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:

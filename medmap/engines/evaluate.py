@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.validate import preflight_studies

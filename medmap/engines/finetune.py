@@ -32,14 +32,14 @@ from torch.utils.data import DataLoader
 from medmap.config import load_organ_config, load_yaml
 from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
-from medmap.data.validate import preflight_studies
 from medmap.data.dataset import StudyDataset, collate_studies
+from medmap.data.sampler import OrganBatchSampler
 from medmap.data.split import labelled_subset, patient_splits
 from medmap.data.studylist import read_study_list
+from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
     RunLogger,
-    autocast_context,
     barrier,
     claim_run_dir,
     cleanup_distributed,
@@ -54,13 +54,14 @@ from medmap.engines.common import (
     setup_distributed,
     warmup_cosine_schedule,
 )
-from medmap.engines.pretrain import OrganBatchSampler, make_text_cache
 from medmap.errors import CheckpointError, ConfigError, StudyListError
 from medmap.evaluation.metrics import compute_metrics
 from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
 from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
+from medmap.precision import autocast_context
+from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
 
@@ -177,7 +178,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     bank = None
     if abl["text"]:
         if info.is_main and last is None:
-            tcache = make_text_cache(cfg, cache_root / "text")
+            tcache = run_text_cache(cfg, cache_root / "text")
             built = build_text_bank(organ, tcache)
             save_text_bank(built, run_dir, text_model=tcache.model_id)
         barrier(info)

@@ -8,7 +8,7 @@
    cache); the loop below only looks embeddings up in a :class:`~medmap.text.prompts.TextTable`;
 3. train :class:`~medmap.models.pretrain.MedMAPPretrainModel` with
    :class:`~medmap.losses.contrastive.AsymmetricContrastiveLoss` on modality-balanced batches
-   (:class:`OrganBatchSampler`: ``K`` whole studies of one organ per rank, all their
+   (:class:`~medmap.data.sampler.OrganBatchSampler`: ``K`` whole studies of one organ per rank, all their
    modalities; an organ's global batch is split across DDP ranks);
 4. AdamW, warm-up + cosine, autocast, gradient clipping, atomic checkpoints every
    ``training.ckpt_every_steps`` steps and at the end, ``--resume`` from the last one with
@@ -34,13 +34,13 @@ from torch.utils.data import ConcatDataset, DataLoader
 from medmap.config import OrganConfig, load_organ_config
 from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
-from medmap.data.validate import preflight_studies
 from medmap.data.dataset import StudyDataset, collate_studies
+from medmap.data.sampler import OrganBatchSampler
 from medmap.data.studylist import Study, read_study_list
+from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
     RunLogger,
-    autocast_context,
     barrier,
     cleanup_distributed,
     configure_threads,
@@ -57,61 +57,12 @@ from medmap.engines.common import (
 )
 from medmap.errors import ConfigError, StudyListError
 from medmap.evaluation.retrieval import retrieval_metrics
-from medmap.losses.contrastive import AsymmetricContrastiveLoss
-from medmap.models.pretrain import MedMAPPretrainModel
-from medmap.text.cache import TextEmbeddingCache
-from medmap.text.encoder import FrozenTextEncoder
+from medmap.losses.contrastive import build_contrastive_loss
+from medmap.models.pretrain import MedMAPPretrainModel, build_pretrain_model
+from medmap.precision import autocast_context
+from medmap.text.cache import run_text_cache
 from medmap.text.prompts import TextBank, TextTable, build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
-
-
-# --------------------------------------------------------------------------- sampling
-class OrganBatchSampler:
-    """Deterministic, modality-balanced, single-organ batches, sharded across ranks.
-
-    For epoch ``e`` the order depends only on ``(seed, e)``: the studies of each organ are
-    shuffled, cut into *global* batches of ``batch_size * world_size`` studies, and the
-    global batches of all organs are shuffled together. Rank ``r`` takes every
-    ``world_size``-th study of each global batch, so all ranks work on the same organ at the
-    same step and their shards are disjoint. An incomplete last global batch is kept when
-    every rank gets at least one study.
-
-    Args:
-        organ_of: organ name of each dataset index.
-        batch_size: ``K``, studies per rank per step.
-        world_size / rank: DDP layout.
-        seed: base seed.
-    """
-
-    def __init__(self, organ_of: Sequence[str], batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
-        if batch_size < 1:
-            raise ConfigError("training.batch_size must be at least 1")
-        self.organ_of = list(organ_of)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-
-    def global_batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        size = self.batch_size * self.world_size
-        batches: list[list[int]] = []
-        for organ in sorted(set(self.organ_of)):
-            idx = [i for i, o in enumerate(self.organ_of) if o == organ]
-            perm = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
-            for s in range(0, len(perm), size):
-                chunk = perm[s : s + size]
-                if len(chunk) >= self.world_size:
-                    batches.append(chunk)
-        order = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[i] for i in order]
-
-    def steps_per_epoch(self) -> int:
-        return len(self.global_batches(0))
-
-    def rank_batches(self, epoch: int, skip: int = 0) -> list[list[int]]:
-        """This rank's batches of ``epoch``, without the first ``skip`` steps."""
-        return [b[self.rank :: self.world_size] for b in self.global_batches(epoch)][skip:]
 
 
 # --------------------------------------------------------------------------- data
@@ -146,17 +97,6 @@ def study_texts(studies: Sequence[Study]) -> list[str]:
     return [s.findings[m] for s in studies for m in s.modalities if s.findings.get(m)]
 
 
-def make_text_cache(cfg: Mapping[str, Any], default_dir: Path, progress: bool = False) -> TextEmbeddingCache:
-    """The text cache of a run; the encoder itself is only built if a text is missing.
-
-    ``progress`` shows a bar while texts missing from the cache are embedded.
-    """
-    tcfg = cfg.get("text") or {}
-    cache_dir = Path(tcfg.get("cache_dir") or default_dir)
-    probe = FrozenTextEncoder(tcfg.get("model"))  # cheap: reads configs only, loads no weights
-    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id, progress=progress)
-
-
 def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo) -> PretrainData:
     """Read and split the studies and embed all texts (rank 0 first, others from the cache)."""
     from medmap.data.split import patient_splits
@@ -181,7 +121,7 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
 
     def build() -> None:
         progress = info.is_main and bool((cfg.get("run") or {}).get("progress", True))
-        cache = make_text_cache(cfg, default_text_dir, progress=progress)
+        cache = run_text_cache(cfg, default_text_dir, progress=progress)
         tables["table"] = TextTable(texts, cache)
         tables["banks"] = {n: build_text_bank(o, cache) for n, o in organs.items()}
 
@@ -227,48 +167,6 @@ def batch_text(batch: Mapping[str, Any], table: TextTable, present: Tensor) -> t
             else:
                 usable[i, j] = False
     return emb, ids, usable
-
-
-# --------------------------------------------------------------------------- model
-def build_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfig], text_dim: int) -> MedMAPPretrainModel:
-    """The stage-1 model for all modalities of the configured organs."""
-    enc, mcfg = cfg["encoder"], cfg.get("model") or {}
-    modalities: list[str] = []
-    roi: dict[str, tuple[int, ...]] = {}
-    for o in organs.values():
-        for m in o.modalities:
-            if m in roi and tuple(roi[m]) != tuple(o.roi_size):
-                raise ConfigError(f"modality '{m}' appears in two organs with different ROI sizes")
-            if m not in roi:
-                modalities.append(m)
-                roi[m] = tuple(o.roi_size)
-    return MedMAPPretrainModel(
-        modalities,
-        roi,
-        arch=enc["arch"],
-        text_dim=text_dim,
-        embed_dim=int(mcfg.get("embed_dim", 128)),
-        shared_encoder=not bool(enc.get("modality_aware", True)),
-        vision_proj=str(mcfg.get("vision_proj", "linear")),
-        text_proj=str(mcfg.get("text_proj", "mlp")),
-        init_logit_scale=float(mcfg.get("init_logit_scale", 1 / 0.07)),
-        max_logit_scale=float(mcfg.get("max_logit_scale", 100.0)),
-    )
-
-
-def build_loss(cfg: Mapping[str, Any], model: MedMAPPretrainModel) -> AsymmetricContrastiveLoss:
-    lcfg = cfg.get("loss") or {}
-    weights = {}
-    for name, w in (lcfg.get("modality_weights") or {}).items():
-        if name not in model.modalities:
-            raise ConfigError(f"loss.modality_weights: unknown modality '{name}'")
-        weights[model.modality_index(name)] = float(w)
-    return AsymmetricContrastiveLoss(
-        alpha=float(lcfg.get("alpha", 0.75)),
-        modality_weights=weights,
-        normalize_weights=bool(lcfg.get("normalize_weights", True)),
-        min_group_size=int(lcfg.get("min_group_size", 2)),
-    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -462,8 +360,8 @@ def run_pretraining(
             raise ConfigError("not enough training studies for one batch on every rank")
         total_steps = int(tcfg.get("steps") or int(tcfg["epochs"]) * steps_per_epoch)
 
-        model = build_model(cfg, data.organs, text_dim=data.table.embeddings.shape[1]).to(info.device)
-        loss_fn = build_loss(cfg, model)
+        model = build_pretrain_model(cfg, data.organs, text_dim=data.table.embeddings.shape[1]).to(info.device)
+        loss_fn = build_contrastive_loss(cfg, model)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
         optimizer = torch.optim.AdamW(

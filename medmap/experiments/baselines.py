@@ -313,7 +313,7 @@ class StackedModalityCNN(nn.Module):
 
 @torch.no_grad()
 def _predict_cnn(model: StackedModalityCNN, loader: DataLoader, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    from medmap.engines.common import autocast_context
+    from medmap.precision import autocast_context
 
     model.eval()
     ys, ps = [], []
@@ -343,9 +343,10 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     """
     from medmap.data.cache import PreprocessCache, default_cache_root
     from medmap.data.dataset import StudyDataset, collate_studies
-    from medmap.engines.common import (RunLogger, autocast_context, clip_gradients, find_checkpoint, load_checkpoint,
+    from medmap.precision import autocast_context
+    from medmap.engines.common import (RunLogger, clip_gradients, find_checkpoint, load_checkpoint,
                                        save_checkpoint, save_resolved_config, warmup_cosine_schedule)
-    from medmap.engines.pretrain import OrganBatchSampler
+    from medmap.data.sampler import OrganBatchSampler
     from medmap.evaluation.metrics import compute_metrics
     from medmap.losses.finetune import class_weights_from_labels
     from medmap.utils import derive_seed, pick_device, seed_everything
@@ -441,7 +442,7 @@ def load_pretrain_model(pretrain_run: str | Path) -> tuple[nn.Module, dict[str, 
 
     from medmap.config import load_yaml
     from medmap.engines.finetune import resolve_init_checkpoint
-    from medmap.engines.pretrain import build_model
+    from medmap.models.pretrain import build_pretrain_model
 
     pretrain_run = Path(pretrain_run)
     cfg = load_yaml(pretrain_run / "config.yaml")
@@ -451,7 +452,7 @@ def load_pretrain_model(pretrain_run: str | Path) -> tuple[nn.Module, dict[str, 
     if not text_w:
         raise ConfigError(f"{weights}: no text projection weights; is it a stage-1 checkpoint?")
     organs = {o.name: o for o in (load_organ_config(x) for x in cfg["data"]["organs"])}
-    model = build_model(cfg, organs, text_dim=int(text_w[0].shape[1]))
+    model = build_pretrain_model(cfg, organs, text_dim=int(text_w[0].shape[1]))
     load_model(model, str(weights), strict=True, device="cpu")
     model.eval().requires_grad_(False)
     return model, cfg

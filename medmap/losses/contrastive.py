@@ -32,12 +32,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from medmap.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medmap.models.pretrain import MedMAPPretrainModel
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -169,3 +174,19 @@ class AsymmetricContrastiveLoss(nn.Module):
         if self.normalize_weights and weight_sum > 0:
             total = total / weight_sum
         return total
+
+
+def build_contrastive_loss(cfg: Mapping[str, Any], model: "MedMAPPretrainModel") -> AsymmetricContrastiveLoss:
+    """The stage-1 loss of a run config (``loss.*``) for ``model``'s modalities."""
+    lcfg = cfg.get("loss") or {}
+    weights = {}
+    for name, w in (lcfg.get("modality_weights") or {}).items():
+        if name not in model.modalities:
+            raise ConfigError(f"loss.modality_weights: unknown modality '{name}'")
+        weights[model.modality_index(name)] = float(w)
+    return AsymmetricContrastiveLoss(
+        alpha=float(lcfg.get("alpha", 0.75)),
+        modality_weights=weights,
+        normalize_weights=bool(lcfg.get("normalize_weights", True)),
+        min_group_size=int(lcfg.get("min_group_size", 2)),
+    )

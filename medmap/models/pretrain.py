@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmap.config import OrganConfig
 from medmap.errors import ConfigError
 from medmap.models.encoders import build_encoders
 
@@ -138,3 +139,29 @@ class MedMAPPretrainModel(nn.Module):
             "pair_index": pair_index,
             "logit_scale": self.logit_scale(),
         }
+
+
+def build_pretrain_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfig], text_dim: int) -> MedMAPPretrainModel:
+    """The stage-1 model for all modalities of the configured organs."""
+    enc, mcfg = cfg["encoder"], cfg.get("model") or {}
+    modalities: list[str] = []
+    roi: dict[str, tuple[int, ...]] = {}
+    for o in organs.values():
+        for m in o.modalities:
+            if m in roi and tuple(roi[m]) != tuple(o.roi_size):
+                raise ConfigError(f"modality '{m}' appears in two organs with different ROI sizes")
+            if m not in roi:
+                modalities.append(m)
+                roi[m] = tuple(o.roi_size)
+    return MedMAPPretrainModel(
+        modalities,
+        roi,
+        arch=enc["arch"],
+        text_dim=text_dim,
+        embed_dim=int(mcfg.get("embed_dim", 128)),
+        shared_encoder=not bool(enc.get("modality_aware", True)),
+        vision_proj=str(mcfg.get("vision_proj", "linear")),
+        text_proj=str(mcfg.get("text_proj", "mlp")),
+        init_logit_scale=float(mcfg.get("init_logit_scale", 1 / 0.07)),
+        max_logit_scale=float(mcfg.get("max_logit_scale", 100.0)),
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -148,3 +148,14 @@ class TextEmbeddingCache:
                     self._index[k] = shard
                     self._memory[k] = v
                 bar.update(len(chunk))
+
+
+def run_text_cache(cfg: Mapping[str, Any], default_dir: Path, progress: bool = False) -> TextEmbeddingCache:
+    """The text cache of a run; the encoder itself is only built if a text is missing.
+
+    ``progress`` shows a bar while texts missing from the cache are embedded.
+    """
+    tcfg = cfg.get("text") or {}
+    cache_dir = Path(tcfg.get("cache_dir") or default_dir)
+    probe = FrozenTextEncoder(tcfg.get("model"))  # cheap: reads configs only, loads no weights
+    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id, progress=progress)

@@ -3,7 +3,7 @@ import json
 import yaml
 
 from medmap.cli.main import main
-from tests.data.helpers import head_volume, make_study, toy_organ, write_list, write_nifti
+from tests.helpers.volumes import head_volume, make_study, toy_organ, write_list, write_nifti
 
 
 def _organ_yaml(tmp_path):

@@ -7,7 +7,7 @@ import torch
 import medmap.data.cache as cache_mod
 from medmap.data.cache import PreprocessCache, clear_hash_memo
 from medmap.data.preprocess import preprocess_study
-from tests.data.helpers import head_volume, make_study, toy_organ, write_nifti
+from tests.helpers.volumes import head_volume, make_study, toy_organ, write_nifti
 
 
 @pytest.fixture(autouse=True)

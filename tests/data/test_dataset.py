@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 from medmap.data.augment import build_augmentation
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.errors import StudyListError
-from tests.data.helpers import make_study, toy_organ
+from tests.helpers.volumes import make_study, toy_organ
 
 
 def test_items_and_batches_follow_the_contract(tmp_path):

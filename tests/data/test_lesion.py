@@ -15,7 +15,7 @@ from medmap.data.preprocess import preprocess_study, preprocess_volumes
 from medmap.data.studylist import LesionBox, Study, read_study_list
 from medmap.data.validate import validate_study_list
 from medmap.errors import StudyListError, VolumeError
-from tests.data.helpers import write_list, write_nifti
+from tests.helpers.volumes import write_list, write_nifti
 
 LESION_CENTRE_MM = np.array([6.0, -4.0, 10.0])
 LESION_RADIUS_MM = 9.0

@@ -5,7 +5,7 @@ import torch
 
 from medmap.data.preprocess import preprocess_study, preprocess_volumes, preprocessing_signature
 from medmap.errors import StudyListError, VolumeError
-from tests.data.helpers import LPS_AFFINE, SHAPE, head_volume, make_study, toy_organ, write_nifti
+from tests.helpers.volumes import LPS_AFFINE, SHAPE, head_volume, make_study, toy_organ, write_nifti
 
 
 def _world(affine: torch.Tensor, ijk) -> np.ndarray:

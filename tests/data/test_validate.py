@@ -5,7 +5,7 @@ import pytest
 
 from medmap.data.validate import check_same_grid, check_volume, validate_study_list
 from medmap.errors import VolumeError
-from tests.data.helpers import LPS_AFFINE, head_volume, make_study, toy_organ, write_list, write_nifti, write_raw_nifti
+from tests.helpers.volumes import LPS_AFFINE, head_volume, make_study, toy_organ, write_list, write_nifti, write_raw_nifti
 
 
 def test_good_volume_is_returned_as_float32_3d(tmp_path):

@@ -21,7 +21,7 @@ from torch import nn
 from medmap.config import OrganConfig, load_config
 from medmap.losses.finetune import build_medmap_loss
 from medmap.models.medmap import build_medmap_classifier
-from tiny_studies import make_tiny_brain_data
+from tests.helpers.tiny_studies import make_tiny_brain_data
 
 REPO = Path(__file__).parents[2]
 TEXT_DIM = 12

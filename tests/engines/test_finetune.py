@@ -19,7 +19,7 @@ from medmap.engines.finetune import run_finetuning
 from medmap.engines.pretrain import run_pretraining
 from medmap.errors import CheckpointError, ConfigError, VolumeError
 from medmap.inference import load_run
-from tiny_studies import make_tiny_brain_data
+from tests.helpers.tiny_studies import make_tiny_brain_data
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +152,9 @@ def test_evaluate_writes_every_metric_and_plot(ft_run: Path) -> None:
 def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
     # `precision: auto` resolves per CPU; run both resolutions here, whatever this CPU has
-    import medmap.utils
+    import medmap.precision
 
-    monkeypatch.setattr(medmap.utils, "bf16_is_fast_on_cpu", lambda: native_bf16)
+    monkeypatch.setattr(medmap.precision, "bf16_is_fast_on_cpu", lambda: native_bf16)
     study = data.parent / "s13"
     rc = main(["predict", str(ft_run), f"t1={study / 't1.nii.gz'}", f"t2={study / 't2.nii.gz'}",
                "--study-id", "s13", "--out", str(tmp_path / "pred")])

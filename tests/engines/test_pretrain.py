@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from medmap.config import load_config
-from medmap.engines.pretrain import OrganBatchSampler, run_pretraining
+from medmap.engines.pretrain import run_pretraining
 from medmap.text.encoder import FrozenTextEncoder
-from tiny_studies import MODS, make_tiny_brain_data
+from tests.helpers.tiny_studies import MODS, make_tiny_brain_data
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -29,17 +29,6 @@ def _overrides(data: Path, steps: int, every: int) -> list[str]:
         f"training.steps={steps}",
         f"training.ckpt_every_steps={every}",
     ]
-
-
-def test_sampler_is_deterministic_single_organ_and_sharded() -> None:
-    organ_of = ["brain"] * 7 + ["liver"] * 5
-    s0, s1 = (OrganBatchSampler(organ_of, 2, world_size=2, rank=r, seed=3) for r in (0, 1))
-    assert s0.global_batches(1) == OrganBatchSampler(organ_of, 2, 2, 0, seed=3).global_batches(1)
-    assert s0.global_batches(1) != s0.global_batches(2)
-    for gb, b0, b1 in zip(s0.global_batches(1), s0.rank_batches(1), s1.rank_batches(1)):
-        assert len({organ_of[i] for i in gb}) == 1
-        assert not set(b0) & set(b1) and sorted(b0 + b1) == sorted(gb)
-    assert s0.rank_batches(1, skip=1) == s0.rank_batches(1)[1:]
 
 
 def test_pretrain_end_to_end_never_runs_the_text_encoder_in_the_loop(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,11 +79,12 @@ def _cli(data: Path, out: Path, overrides: list[str], resume: bool = False) -> l
 def text_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A text cache already holding every text of ``data`` (so subprocesses never load the encoder)."""
     from medmap.data.studylist import read_study_list
-    from medmap.engines.pretrain import make_text_cache, study_texts
+    from medmap.engines.pretrain import study_texts
+    from medmap.text.cache import run_text_cache
     from medmap.text.prompts import TextTable, build_text_bank
 
     root = tmp_path_factory.mktemp("text")
-    cache = make_text_cache({"text": {"cache_dir": str(root)}}, root)
+    cache = run_text_cache({"text": {"cache_dir": str(root)}}, root)
     TextTable(study_texts(read_study_list(data)), cache)
     build_text_bank(data.parent / "brain_tiny.yaml", cache)
     return root
@@ -154,11 +144,11 @@ def _kill_and_resume(data: Path, text_dir: Path, tmp_path: Path, main) -> None:
 @pytest.mark.parametrize("name", ["default", "tiny", "coarse", "liver_lesion", "brain_4mm"])
 def test_shipped_pretrain_configs_build(name: str) -> None:
     from medmap.config import load_config, load_organ_config
-    from medmap.engines.pretrain import build_model
+    from medmap.models.pretrain import build_pretrain_model
 
     cfg = load_config(name, "pretrain")
     organs = {o.name: o for o in map(load_organ_config, cfg["data"]["organs"])}
-    model = build_model(cfg, organs, text_dim=384)
+    model = build_pretrain_model(cfg, organs, text_dim=384)
     for organ in organs.values():
         x = torch.zeros(1, 1, *organ.roi_size)
         out = model.encoders(x, organ.modalities[0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import pytest
 from medmap.data.studylist import Study, read_study_list, write_study_list
 from medmap.errors import StudyListError
 from medmap.experiments.probe import encoder_probe, probe_table, probe_target
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "engines"))
-from tiny_studies import make_tiny_brain_data  # noqa: E402
+from tests.helpers.tiny_studies import make_tiny_brain_data
 
 ARCH = {"type": "cnn", "channels": [4, 8], "subunits": 1, "dim": 16}
 

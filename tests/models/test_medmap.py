@@ -12,7 +12,7 @@ from medmap.models.medmap import (
     load_encoders_from_pretrain,
 )
 
-from stage2_helpers import ROI, TEXT_DIM, make_bank, make_batch, make_encoders, make_organ, make_run_config
+from tests.helpers.stage2 import ROI, TEXT_DIM, make_bank, make_batch, make_encoders, make_organ, make_run_config
 
 
 def _model(organ, **kw):
@@ -214,7 +214,7 @@ def test_shipped_finetune_configs_build(name):
 @pytest.mark.parametrize("shared", [False, True])
 def test_load_encoders_from_a_stage1_model(shared):
     from medmap.models.pretrain import MedMAPPretrainModel
-    from stage2_helpers import TINY_ARCH
+    from tests.helpers.stage2 import TINY_ARCH
 
     organ = make_organ(2)
     stage1 = MedMAPPretrainModel(["m0", "m1", "m2"], {m: ROI for m in ["m0", "m1", "m2"]}, arch=TINY_ARCH,

@@ -1,4 +1,4 @@
-"""Fixtures for the stage-2 model tests (helpers live in stage2_helpers.py)."""
+"""Shared fixtures (test helpers are modules of tests/helpers, imported as ``tests.helpers.<module>``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from medmap.config import OrganConfig
-from stage2_helpers import make_bank, make_organ
+from tests.helpers.stage2 import make_bank, make_organ
 
 
 @pytest.fixture
