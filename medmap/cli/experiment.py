@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medmap.errors import ConfigError
-    from medmap.experiments.grid import load_experiment_config, run_grid, write_grid_tables
+    from medmap.experiments.runner import run_grid, write_grid_tables
+    from medmap.experiments.schema import load_experiment_config
 
     cfg = load_experiment_config(args.config)
     out = args.out or Path("runs") / "experiments" / str(cfg["name"])

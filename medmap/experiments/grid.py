@@ -1,200 +1,45 @@
-"""Run a grid of MedMAP ablations and baselines from one config file, resumably.
+"""The planned grid: every run's folder, resolved config and job, in run order.
 
-``medmap experiment CONFIG --out DIR`` calls :func:`run_grid`. The config
-(``medmap/configs/experiments/*.yaml``) names the tasks, the seeds, the data, the shared
-stage-1 and stage-2 settings and the grid **rows**. Row kinds:
-
-* ``medmap``: stage-2 fine-tuning with ``ablation`` switches (and optional ``set``
-  overrides), initialised from the stage-1 run of the same seed whose sharing matches
-  ``ablation.modality_aware`` (none when ``ablation.pretrained`` is false);
-* ``cnn``: the supervised MONAI 3D CNN on stacked modalities
-  (:func:`medmap.experiments.baselines.run_cnn_baseline`);
-* ``linear_probe``: the CLIP-style linear probe on a frozen stage-1 run (``pretrain:
-  shared`` by default);
-* ``intensity``: the intensity-statistics baseline (MedMoM-Synth only);
-* ``drop_modality``: the test evaluation of a finished ``source`` row with each listed
-  modality removed in turn (one table row per modality).
-
-A ``medmap`` or ``cnn`` row with ``labels_per_class: N`` trains on N labelled studies per
-class of the train split (drawn with the run's seed, the same studies for every method);
-``curve: NAME`` groups such rows into one line of the label-efficiency plot
-(:func:`medmap.evaluation.plots.label_efficiency_plot`). ``pretrain: {seed: S}`` makes every
-seed start from the one stage-1 run of seed S.
-
-Layout of ``DIR`` (everything a later invocation needs to skip finished work)::
+:class:`ExperimentGrid` expands the rows of an experiment config
+(:mod:`medmap.experiments.schema`) over tasks, label regimes and seeds into :class:`Job` s
+that :func:`medmap.experiments.runner.run_grid` runs. Layout of ``DIR`` (everything a later
+invocation needs to skip finished work)::
 
     DIR/experiment.yaml                         the resolved experiment config
     DIR/data/studies.jsonl                      MedMoM-Synth, generated once (data seed)
     DIR/organs/<task>.yaml                      organ configs with the grid's sizes
-    DIR/pretrain/{aware,shared}_seed<s>/        stage-1 runs, shared by every row that uses them
-    DIR/runs/<task>/<row>/seed<s>/              one run; finished = metrics/test/metrics.json
+    DIR/pretrain/[<task>/]{aware,shared}_seed<s>/   stage-1 runs, shared by every row that uses them
+    DIR/runs/<task>/[<regime>/]<row>/seed<s>/   one run; finished = metrics/test/metrics.json
     DIR/results.md  results.csv  runs.csv       the tables (see medmap.experiments.table)
+    DIR/claims.md  claims.csv  rows.png         the claims and the row-score figure (with ``claims``)
     DIR/timings.csv                             wall time of every job (to size a grid)
 
 Each run is selected on the validation split; the test split is only predicted.
+
+Example:
+    >>> grid = ExperimentGrid(load_experiment_config("tiny"), "runs/tiny")
+    >>> [j.key for j in grid.jobs()][:2]
+    ['data', 'pretrain:aware:0']
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import os
-import socket
-import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from medmap.config import (OrganConfig, apply_overrides, deep_merge, load_config, load_yaml, organ_config_from,
-                           resolve_config_path)
-from medmap.errors import ConfigError, MedMAPError
-from medmap.experiments.table import RunResult, write_tables
+from medmap.config import OrganConfig, apply_overrides, deep_merge, load_config, organ_config_from
+from medmap.errors import ConfigError
+from medmap.experiments.schema import Regime, Row, load_experiment_config, parse_regimes, parse_rows
+from medmap.experiments.table import RunResult
 from medmap.utils import atomic_write_json, atomic_write_text
 
-ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "drop_modality")
 PRETRAIN_DONE = "pretrain_done.json"
-TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
-            "run", "rows", "regimes", "claims"}
-REGIME_KEYS = {"name", "label", "labels_per_class", "set", "task_set", "rows", "tasks"}
 
 
-# --------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class Row:
-    """One row of the grid (before expansion over tasks and seeds)."""
-
-    name: str
-    kind: str
-    label: str
-    seeds: tuple[int, ...]
-    tasks: tuple[str, ...]
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def ablation(self) -> dict[str, bool]:
-        return dict(self.options.get("ablation") or {})
-
-    def pretrain_setting(self) -> str | None:
-        """``aware`` / ``shared`` stage-1 run this row starts from, or ``None``."""
-        if self.kind == "medmap":
-            if not self.ablation.get("pretrained", True):
-                return None
-            return "aware" if self.ablation.get("modality_aware", True) else "shared"
-        if self.kind == "linear_probe":
-            setting = str(self.options.get("pretrain", "shared"))
-            if setting not in ("aware", "shared"):
-                raise ConfigError(f"row '{self.name}': pretrain must be 'aware' or 'shared', got {setting!r}")
-            return setting
-        return None
-
-
-def load_experiment_config(name_or_path: str | Path) -> dict[str, Any]:
-    """A built-in experiment config (``paper_grid``, ``tiny``) or a YAML path, checked."""
-    cfg = load_yaml(resolve_config_path(name_or_path, "experiments"))
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"experiment config: unknown keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
-    for key in ("tasks", "seeds", "rows"):
-        if not cfg.get(key):
-            raise ConfigError(f"experiment config: '{key}' must be a non-empty list")
-    cfg.setdefault("name", Path(str(name_or_path)).stem)
-    from medmap.experiments.claims import parse_claims
-
-    parse_regimes(cfg, parse_rows(cfg))  # validate early
-    parse_claims(cfg.get("claims"))
-    return cfg
-
-
-def parse_rows(cfg: Mapping[str, Any], seeds: Sequence[int] | None = None) -> list[Row]:
-    """The config's rows; ``seeds`` (from ``--seeds``) replaces every row's seed list."""
-    tasks = tuple(str(t) for t in cfg["tasks"])
-    rows: list[Row] = []
-    names: set[str] = set()
-    for i, raw in enumerate(cfg["rows"]):
-        if not isinstance(raw, Mapping) or "name" not in raw:
-            raise ConfigError(f"experiment config: rows[{i}] must be a mapping with a 'name'")
-        name, kind = str(raw["name"]), str(raw.get("kind", "medmap"))
-        if kind not in ROW_KINDS:
-            raise ConfigError(f"row '{name}': kind must be one of {list(ROW_KINDS)}, got {kind!r}")
-        if name in names:
-            raise ConfigError(f"experiment config: two rows are named '{name}'")
-        names.add(name)
-        row_tasks = tuple(str(t) for t in raw.get("tasks") or tasks)
-        bad = [t for t in row_tasks if t not in tasks]
-        if bad:
-            raise ConfigError(f"row '{name}': tasks {bad} are not in the experiment's tasks {list(tasks)}")
-        row_seeds = tuple(int(s) for s in (seeds if seeds else raw.get("seeds") or cfg["seeds"]))
-        options = {k: v for k, v in raw.items() if k not in ("name", "kind", "label", "seeds", "tasks")}
-        if kind == "medmap":
-            from medmap.models.medmap import ablation_switches
-
-            ablation_switches({"ablation": options.get("ablation") or {}})  # validates the switch names
-        rows.append(Row(name, kind, str(raw.get("label") or name), row_seeds, row_tasks, options))
-    for r in rows:
-        if r.kind == "drop_modality":
-            src = next((x for x in rows if x.name == r.options.get("source")), None)
-            if src is None or src.kind != "medmap":
-                raise ConfigError(f"row '{r.name}': 'source' must name a medmap row, got {r.options.get('source')!r}")
-    return rows
-
-
-@dataclass(frozen=True)
-class Regime:
-    """A label regime of the grid: every row (or the listed ``rows``) runs once per regime.
-
-    ``name`` is ``""`` for a config without ``regimes`` (runs then sit directly under
-    ``runs/<task>/<row>``). ``labels_per_class`` restricts every row's training studies (a
-    row's own ``labels_per_class`` wins); ``set`` / ``task_set`` are stage-2 settings of the
-    regime (e.g. more epochs for few labels), merged after the grid's and before the row's.
-    """
-
-    name: str
-    label: str = ""
-    labels_per_class: int | None = None
-    set: Mapping[str, Any] = field(default_factory=dict)
-    task_set: Mapping[str, Any] = field(default_factory=dict)
-    rows: tuple[str, ...] | None = None
-    tasks: tuple[str, ...] | None = None
-
-    def has(self, row: "Row", task: str | None = None) -> bool:
-        """Whether ``row`` (on ``task``) runs in this regime."""
-        in_task = task is None or self.tasks is None or task in self.tasks
-        return in_task and (self.rows is None or row.name in self.rows)
-
-
-def parse_regimes(cfg: Mapping[str, Any], rows: Sequence[Row]) -> list[Regime]:
-    """The config's label regimes (one unnamed regime when it has none), checked."""
-    raw = cfg.get("regimes")
-    if raw is None:
-        return [Regime("")]
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("experiment config: 'regimes' must be a non-empty list")
-    names = {r.name for r in rows}
-    out: list[Regime] = []
-    for i, r in enumerate(raw):
-        if not isinstance(r, Mapping) or not r.get("name"):
-            raise ConfigError(f"experiment config: regimes[{i}] must be a mapping with a 'name'")
-        unknown = set(r) - REGIME_KEYS
-        if unknown:
-            raise ConfigError(f"regime '{r['name']}': unknown keys {sorted(unknown)}; known: {sorted(REGIME_KEYS)}")
-        listed = r.get("rows")
-        bad = [n for n in listed or [] if n not in names]
-        if bad:
-            raise ConfigError(f"regime '{r['name']}': rows {bad} are not rows of the grid")
-        per_class, tasks = r.get("labels_per_class"), r.get("tasks")
-        out.append(Regime(str(r["name"]), str(r.get("label") or r["name"]), None if per_class is None else int(per_class),
-                          dict(r.get("set") or {}), dict(r.get("task_set") or {}),
-                          None if listed is None else tuple(str(n) for n in listed),
-                          None if tasks is None else tuple(str(t) for t in tasks)))
-    if len({r.name for r in out}) != len(out):
-        raise ConfigError("experiment config: two regimes have the same name")
-    return out
-
-
-# --------------------------------------------------------------------------- jobs
 @dataclass
 class Job:
     """One unit of work of the grid: done when ``done()`` is true."""
@@ -559,238 +404,3 @@ def _result(path: Path, task: str, row: str, seed: int, label: str, regime: str 
         return RunResult(task, row, seed, json.loads(path.read_text()), label, regime)
     except (OSError, ValueError):
         return None
-
-
-# --------------------------------------------------------------------------- driver
-class JobClaims:
-    """Claim files that let several processes share one grid folder without running a job twice.
-
-    ``acquire(key)`` creates ``<folder>/<key>.claim`` atomically (``O_EXCL``) with this host and
-    process id; it fails while another live process holds the claim. A claim left by a process
-    that died on this host (a killed worker) is taken over. ``release(key)`` removes it.
-
-    Example::
-
-        claims = JobClaims(Path("runs/grid/claims"))
-        if claims.acquire("run:brain:full:0"):
-            try:
-                ...  # run the job
-            finally:
-                claims.release("run:brain:full:0")
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.owner = f"{socket.gethostname()} {os.getpid()}"
-
-    def path(self, key: str) -> Path:
-        return self.folder / (key.replace(":", "_").replace("/", "_") + ".claim")
-
-    def acquire(self, key: str) -> bool:
-        """Claim ``key``; ``False`` if another live process holds it."""
-        path = self.path(key)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale(path):
-                    return False
-                path.unlink(missing_ok=True)  # its owner died on this host: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.owner)
-            return True
-        return False
-
-    def release(self, key: str) -> None:
-        path = self.path(key)
-        try:
-            if path.read_text() == self.owner:
-                path.unlink()
-        except OSError:
-            pass
-
-    @staticmethod
-    def _stale(path: Path) -> bool:
-        """True when the claim's owner is a process of this host that no longer runs."""
-        try:
-            host, pid = path.read_text().rsplit(" ", 1)
-        except (OSError, ValueError):
-            return False  # being written right now, or unreadable: leave it alone
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
-
-
-@dataclass
-class GridReport:
-    """What :func:`run_grid` did."""
-
-    jobs: list[str]
-    ran: list[str]
-    skipped: list[str]
-    failed: dict[str, str]
-    tables: dict[str, Path]
-
-
-def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequence[str] | None = None,
-             seeds: Sequence[int] | None = None, dry_run: bool = False, fail_fast: bool = False,
-             log: Callable[[str], None] = print, poll_s: float = 10.0) -> GridReport:
-    """Run (or continue) every unfinished job of the grid, then write the results tables.
-
-    Args:
-        cfg: experiment config dict, built-in name or YAML path.
-        out: output folder; rerunning with the same folder skips finished jobs.
-        only: run only these rows (and the stage-1 runs / data they need).
-        seeds: replace the config's seeds.
-        dry_run: print the plan with each job's status and write nothing.
-        fail_fast: stop at the first failing job (default: record it, skip what depends on
-            it, continue, and report it; its traceback goes to ``DIR/failures/``).
-        log: where progress lines go.
-        poll_s: seconds between looks at jobs held by other workers.
-
-    Several processes may run the same grid on the same ``out`` folder at once (``medmap
-    experiment --workers N`` starts them): each job is claimed first (:class:`JobClaims`), a
-    job waits until the jobs it needs are finished, and the results tables are rewritten by
-    whichever process ends.
-
-    Returns:
-        A :class:`GridReport`; the tables are ``DIR/results.md``, ``results.csv``, ``runs.csv``.
-    """
-    if not isinstance(cfg, Mapping):
-        cfg = load_experiment_config(cfg)
-    grid = ExperimentGrid(cfg, out, seeds, only)
-    jobs = grid.jobs()
-    report = GridReport([j.key for j in jobs], [], [], {}, {})
-    if dry_run:
-        for j in jobs:
-            log(f"[{'done' if j.done() else 'todo'}] {j.describe}")
-        return report
-    if grid.threads:
-        from medmap.engines.common import configure_threads
-
-        configure_threads(grid.threads)  # for every job this process runs (stage 1, stage 2, baselines)
-    grid.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(grid.out / "experiment.yaml", yaml.safe_dump(dict(cfg), sort_keys=False))
-    grid.write_organs()
-    claims = JobClaims(grid.out / "claims")
-    by_key = {j.key: j for j in jobs}
-    position = {j.key: i for i, j in enumerate(jobs, 1)}
-    pending, stop = list(jobs), False
-    while pending and not stop:
-        waiting: list[Job] = []
-        for j in pending:
-            i = position[j.key]
-            if j.done():
-                if j.key not in report.ran:
-                    report.skipped.append(j.key)
-                continue
-            blocked = [n for n in j.needs if n in report.failed]
-            if blocked:
-                report.failed[j.key] = f"skipped: {', '.join(blocked)} failed"
-                log(f"[{i}/{len(jobs)}] skip {j.describe} ({report.failed[j.key]})")
-                continue
-            if any(n in by_key and not by_key[n].done() for n in j.needs) or not claims.acquire(j.key):
-                waiting.append(j)  # another worker runs it, or something it needs
-                continue
-            log(f"[{i}/{len(jobs)}] {j.describe}")
-            t0 = time.time()
-            try:
-                j.run()
-            except Exception as e:  # noqa: BLE001 - one failed run must not lose the rest of a long grid
-                if fail_fast:
-                    raise
-                report.failed[j.key] = f"{type(e).__name__}: {e}"
-                (grid.out / "failures").mkdir(exist_ok=True)
-                atomic_write_text(grid.out / "failures" / f"{j.key.replace(':', '_')}.txt", traceback.format_exc())
-                log(f"    FAILED: {report.failed[j.key]}")
-                if not isinstance(e, MedMAPError) and j.key == "data":
-                    stop = True  # nothing else can run
-                    break
-                continue
-            finally:
-                claims.release(j.key)
-            _append_timing(grid.out / "timings.csv", j.key, time.time() - t0)
-            report.ran.append(j.key)
-        if not stop and waiting and len(waiting) == len(pending):
-            time.sleep(poll_s)  # every job left is held by another worker
-        pending = waiting
-    report.tables = write_grid_tables(cfg, grid.out, seeds)
-    log(f"tables: {report.tables['markdown']} and {report.tables['csv']}")
-    if report.failed:
-        log(f"{len(report.failed)} job(s) failed or were skipped: {', '.join(report.failed)}")
-    return report
-
-
-def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None) -> dict[str, Path]:
-    """(Re)write ``results.md``, ``results.csv`` and ``runs.csv`` from every finished run in ``out``,
-    and, for a grid with ``claims``, ``claims.md``, ``claims.csv`` and ``rows.png``."""
-    grid = ExperimentGrid(cfg, out, seeds)
-    notes = [f"Experiment `{cfg.get('name', '')}`; test split; model selection on the validation split only."]
-    results = grid.results()
-    labels = {r.name: r.label for r in grid.regimes}
-    paths = write_tables(results, grid.out, title=f"Results: {cfg.get('name', 'experiment')}", notes=notes,
-                         regime_labels=labels)
-    if cfg.get("claims"):
-        paths.update(write_claims_and_figure(grid, results))
-    curves = grid.label_efficiency_points(results)
-    for task, points in curves.items():
-        from medmap.evaluation.plots import label_efficiency_plot
-
-        organ = grid.organ_config(task)
-        paths[f"label_efficiency_{task}"] = label_efficiency_plot(
-            points, grid.out / f"label_efficiency_{task}.png", title=f"{task}: label efficiency (test split)",
-            chance=1.0 / organ.num_classes)
-    return paths
-
-
-def _predictions_path(grid: ExperimentGrid, r: RunResult) -> Path:
-    """Where a finished run's test predictions are (a dropped-sequence row: its source run's folder)."""
-    if "_without_" in r.row and r.row.split("_without_")[0] in {x.name for x in grid.rows}:
-        src, seq = r.row.split("_without_", 1)
-        return grid.run_dir(r.task, src, r.seed, r.regime) / "metrics" / f"test_without_{seq}" / "predictions.csv"
-    return grid.run_dir(r.task, r.row, r.seed, r.regime) / "metrics" / "test" / "predictions.csv"
-
-
-def write_claims_and_figure(grid: ExperimentGrid, results: Sequence[RunResult]) -> dict[str, Path]:
-    """Each claim's paired difference (``claims.md`` / ``.csv``, :mod:`medmap.experiments.claims`) and
-    one figure panel per task and regime with every row's score (``rows.png``)."""
-    from medmap.evaluation.plots import row_scores_figure
-    from medmap.experiments.claims import measure_claims, parse_claims, row_scores, write_claims
-
-    runs: dict[tuple[str, str, str], dict[str, Path]] = {}
-    label_of: dict[str, str] = {}
-    for r in results:
-        path = _predictions_path(grid, r)
-        if path.is_file():
-            runs.setdefault((r.task, r.regime, r.row), {})[str(r.seed)] = path
-            label_of[r.row] = r.label
-    classes = {t: list(grid.organ_config(t).classes) for t in grid.tasks}
-    labels = {r.name: r.label for r in grid.regimes}
-    n_boot = max(grid.n_bootstrap, 1000)
-    paths = write_claims(measure_claims(parse_claims(grid.cfg.get("claims")), runs, classes, n_boot), grid.out, labels)
-    panels = []
-    for task, regime in dict.fromkeys((t, g) for t, g, _ in runs):
-        rows = [(label_of[row], *row_scores(seed_paths, classes[task], n_boot))
-                for (t, g, row), seed_paths in runs.items() if (t, g) == (task, regime) and "_without_" not in row]
-        title = f"{task}: {labels.get(regime, regime)}" if regime else task
-        panels.append((title, rows, 1.0 / len(classes[task])))
-    if panels:
-        paths["rows_figure"] = row_scores_figure(panels, grid.out / "rows.png")
-    return paths
-
-
-def _append_timing(path: Path, key: str, seconds: float) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["job", "seconds"])
-        w.writerow([key, f"{seconds:.1f}"])

@@ -17,7 +17,9 @@ import yaml
 
 from medmap.cli.main import main
 from medmap.errors import ConfigError
-from medmap.experiments.grid import ExperimentGrid, JobClaims, load_experiment_config, run_grid
+from medmap.experiments.grid import ExperimentGrid
+from medmap.experiments.runner import JobClaims, run_grid
+from medmap.experiments.schema import load_experiment_config
 from medmap.experiments.table import (MetricSummary, RunResult, aggregate, format_cell, render_csv, render_markdown,
                                       summarise_metric)
 
