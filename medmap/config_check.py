@@ -26,6 +26,9 @@ CHECKED_KINDS = ("pretrain", "finetune", "demo")
 #: Dotted keys whose values are free-form mappings or names, checked by their users.
 FREE_FORM = ("encoder.arch", "data.augment", "loss.modality_weights", "organ", "synth.n", "tasks")
 _ANY = object()
+#: Keys that are no longer read: ``None`` (as saved in older run folders) is accepted, anything
+#: else is an error that says what to use instead.
+RETIRED = {"finetune": {("encoder", "pretrained"): "pass the stage-1 run to start from with --init RUN"}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +73,19 @@ def check_run_config(cfg: Mapping[str, Any], kind: str) -> None:
     """Raise :class:`ConfigError` for the first unknown key or wrongly typed value in ``cfg``."""
     if kind not in CHECKED_KINDS:
         return
+    cfg = _without_retired(cfg, kind)
     _check(cfg, _schema(kind), "")
+
+
+def _without_retired(cfg: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    out = dict(cfg)
+    for (section, key), instead in RETIRED.get(kind, {}).items():
+        sub = out.get(section)
+        if isinstance(sub, Mapping) and key in sub:
+            if sub[key] is not None:
+                raise ConfigError(f"config key '{section}.{key}' is not read any more: {instead}")
+            out[section] = {k: v for k, v in sub.items() if k != key}
+    return out
 
 
 def _check(cfg: Mapping[str, Any], schema: Mapping[str, Any], prefix: str) -> None:

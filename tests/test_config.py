@@ -99,3 +99,11 @@ def test_the_engines_check_before_writing_anything(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="training.epoch"):
         run_finetuning(cfg, tmp_path / "studies.jsonl", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_retired_key_says_what_to_use_and_old_run_folders_still_load() -> None:
+    from medmap.config_check import check_run_config
+
+    with pytest.raises(ConfigError, match=r"'encoder.pretrained' is not read any more: pass the stage-1 run .* --init"):
+        check_run_config({"encoder": {"arch": "cnn_patch", "pretrained": "runs/s1"}}, "finetune")
+    check_run_config({"encoder": {"arch": "cnn_patch", "pretrained": None}}, "finetune")  # as older runs saved it
