@@ -10,9 +10,10 @@ runs :func:`run_finetuning`:
 3. build :class:`~medmap.models.medmap.MedMAPClassifier`; initialise its encoders from a
    stage-1 run (``--init``; skipped when ``ablation.pretrained`` is false);
 4. train with :class:`~medmap.losses.finetune.MedMAPLoss`, AdamW (encoders at
-   ``encoder_lr_scale`` when pre-trained), warm-up + cosine, autocast, gradient clipping;
-   checkpoints are atomic and ``--resume`` continues with the same data order;
-5. after every epoch, evaluate on the **validation** split and keep ``checkpoints/best``
+   ``encoder_lr_scale`` when pre-trained), warm-up + cosine, in the shared
+   :class:`~medmap.engines.trainer.TrainingLoop` (precision, clipping, atomic checkpoints,
+   bit-identical ``--resume``);
+5. after every ``training.val_every`` epochs and at the end, evaluate on the **validation** split and keep ``checkpoints/best``
    by ``training.select_metric``; the test split is never read here (``medmap evaluate``).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,28 +40,23 @@ from medmap.data.studylist import read_study_list
 from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
-    RunLogger,
     barrier,
     claim_run_dir,
     cleanup_distributed,
     configure_threads,
-    clip_gradients,
     find_checkpoint,
     load_checkpoint,
-    progress_bar,
-    position_epoch,
-    save_checkpoint,
     save_resolved_config,
     setup_distributed,
     warmup_cosine_schedule,
 )
+from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
 from medmap.errors import CheckpointError, ConfigError, StudyListError
 from medmap.evaluation.metrics import compute_metrics
 from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
 from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
-from medmap.precision import autocast_context
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -221,110 +217,71 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     total_steps = int(tcfg.get("steps") or epochs * steps_per_epoch)
     scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch),
                                        total_steps, float(tcfg.get("min_lr_ratio", 0.0)))
-    step = 0
-    best_score, best_epoch = -math.inf, -1
-    resumed_rng = None
-    if last is not None:
-        state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
-        resumed_rng = state.get("rng") if info.world_size == 1 else None  # mid-epoch: dropout continues exactly
-        step = int(state["step"])
-        best_score = float(state["extra"].get("best_score", -math.inf))
-        best_epoch = int(state["extra"].get("best_epoch", -1))
-    elif info.is_main:
+    plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
+                    grad_clip=float(tcfg.get("grad_clip", 0) or 0),
+                    validate_every_epochs=max(1, int(tcfg.get("val_every", 1))),
+                    ckpt_every_steps=int(tcfg.get("ckpt_every_steps", 0) or 0),
+                    ckpt_every_epochs=max(1, int(tcfg.get("ckpt_every", 1))),
+                    select_metric=str(tcfg.get("select_metric", "balanced_accuracy")))
+    loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, info,
+                        progress=bool(rcfg.get("progress", True)), desc=f"finetune {organ.name}")
+    logger = loop.start(last)
+    if last is None and info.is_main:
         atomic_write_json(run_dir / RUN_INFO_FILE, {
             "stage": "finetune", "organ": organ.name, "study_list": str(study_list.resolve()),
             "n_train": len(train), "n_val": len(val), "world_size": info.world_size,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, **init_report,
         })
-
     train_model: nn.Module = model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True)
-    logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if last is not None else None)
-    precision = str(tcfg.get("precision", "auto"))
-    select = str(tcfg.get("select_metric", "balanced_accuracy"))
-    ckpt_every = max(1, int(tcfg.get("ckpt_every", 1)))
-    val_every = max(1, int(tcfg.get("val_every", 1)))
-    ckpt_every_steps = int(tcfg.get("ckpt_every_steps", 0) or 0)
     num_workers = int(rcfg.get("num_workers", 0))
-    grad_clip = float(tcfg.get("grad_clip", 0) or 0)
-    bar = progress_bar(total_steps, initial=step, enabled=info.is_main and bool(rcfg.get("progress", True)),
-                       desc=f"finetune {organ.name}")
+
+    def step_fn(batch: dict[str, Any]) -> StepResult:
+        with loop.autocast():
+            out = train_model(batch["images"].to(info.device), batch["present"].to(info.device), bank)
+        loss, parts = loss_fn({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},
+                              batch["label"].to(info.device))
+        return StepResult(loss, {f"loss_{k}": float(v) for k, v in parts.items()})
+
+    def validate() -> Validation:
+        y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
+                                        bank, info.device, plan.precision)
+        m = compute_metrics(y, p, organ.classes, n_bootstrap=0)
+        score = float(m.get(plan.select_metric) if m.get(plan.select_metric) is not None else -math.inf)
+        logs = {f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece")
+                if m.get(k) is not None}
+        return Validation(score, logs, f"val {plan.select_metric}={score:.4f} acc={m['accuracy']:.4f}")
+
     t0 = time.time()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        seed_everything(derive_seed(seed, epoch, info.rank))
-        batches = iter(_loader(train_ds, sampler.rank_batches(epoch, skip), num_workers))  # draws from the RNG
-        position_epoch(augment, sampler, epoch, skip, resumed_rng)
-        resumed_rng = None
-        model.train()
-        running: dict[str, float] = {}
-        n_seen = 0
-        for batch in batches:
-            labels = batch["label"].to(info.device)
-            with autocast_context(precision, info.device):
-                out = train_model(batch["images"].to(info.device), batch["present"].to(info.device), bank)
-            loss, parts = loss_fn({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model, grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            n_seen += 1
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-            logger.log(step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                              **{f"loss_{k}": float(v) for k, v in parts.items()}})
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if ckpt_every_steps and step % ckpt_every_steps == 0 and not end_of_epoch:
-                if info.is_main:
-                    save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch,
-                                    config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
-                barrier(info)
-            if step >= total_steps:
-                break
-        # ---- end of epoch: validation + model selection (rank 0, every val_every epochs and the last), checkpoints
-        if info.is_main and ((epoch + 1) % val_every == 0 or step >= total_steps):
-            y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
-                                            bank, info.device, precision)
-            m = compute_metrics(y, p, organ.classes, n_bootstrap=0)
-            score = float(m.get(select) if m.get(select) is not None else -math.inf)
-            logger.log(step, {"epoch": epoch, **{f"val_{k}": float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece")
-                                                  if m.get(k) is not None}})
-            improved = score > best_score or best_epoch < 0  # an undefined metric (-inf) still leaves a best
-            bar.write(f"epoch {epoch + 1}/{math.ceil(total_steps / steps_per_epoch)}: val {select}={score:.4f} "
-                      f"acc={m['accuracy']:.4f}" + (" (best)" if improved else ""))
-            if improved:
-                best_score, best_epoch = score, epoch
-                save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
-                                extra={"best_score": best_score, "metric": select, "best_epoch": epoch})
-        if info.is_main and ((epoch + 1) % ckpt_every == 0 or step >= total_steps):
-            save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
-                            config=cfg, extra={"best_score": best_score, "best_epoch": best_epoch})
-        barrier(info)
-    bar.close()
+    loop.run(lambda epoch, skip: iter(_loader(train_ds, sampler.rank_batches(epoch, skip), num_workers)),
+             step_fn, validate, augment, sampler)
     summary: dict[str, Any] = {}
     if info.is_main:
         train_time = time.time() - t0
-        logger.log(step, {"train_time_s": train_time})
+        logger.log(loop.step, {"train_time_s": train_time})
         logger.close()
-        # validation report of the selected checkpoint
-        best = find_checkpoint(run_dir, "best")
-        if best is not None:
-            load_checkpoint(best, model, restore_rng=False)
-        y, p, ids = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
-                                          bank, info.device, precision)
-        val_metrics = evaluate_and_report(y, p, organ.classes, run_dir / "metrics" / "val",
-                                          title=f"{organ.name}: validation split (model selection)")
-        summary = {"organ": organ.name, "best_epoch": best_epoch, "select_metric": select, "best_score": best_score,
-                   "val": {k: val_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")},
-                   "train_time_s": train_time, "steps": step}
-        atomic_write_json(run_dir / "metrics" / "finetune_summary.json", summary)
+        val_loader = _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers)
+        summary = _write_summary(run_dir, model, organ.name, organ.classes, val_loader, bank, info, loop, train_time)
     barrier(info)
+    return summary
+
+
+def _write_summary(run_dir: Path, model: nn.Module, organ: str, classes: Sequence[str], val_loader: DataLoader,
+                   bank: Any, info: DistInfo, loop: TrainingLoop, train_time: float) -> dict[str, Any]:
+    """The validation report of the selected checkpoint and ``metrics/finetune_summary.json``."""
+    best = find_checkpoint(run_dir, "best")
+    if best is not None:
+        load_checkpoint(best, model, restore_rng=False)
+    y, p, _ = predict_probabilities(model, val_loader, bank, info.device, loop.plan.precision)
+    val_metrics = evaluate_and_report(y, p, classes, run_dir / "metrics" / "val",
+                                      title=f"{organ}: validation split (model selection)")
+    summary = {"organ": organ, "best_epoch": loop.best_epoch, "select_metric": loop.plan.select_metric,
+               "best_score": loop.best_score,
+               "val": {k: val_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")},
+               "train_time_s": train_time, "steps": loop.step}
+    atomic_write_json(run_dir / "metrics" / "finetune_summary.json", summary)
     return summary
 
 

@@ -10,9 +10,10 @@
    :class:`~medmap.losses.contrastive.AsymmetricContrastiveLoss` on modality-balanced batches
    (:class:`~medmap.data.sampler.OrganBatchSampler`: ``K`` whole studies of one organ per rank, all their
    modalities; an organ's global batch is split across DDP ranks);
-4. AdamW, warm-up + cosine, autocast, gradient clipping, atomic checkpoints every
-   ``training.ckpt_every_steps`` steps and at the end, ``--resume`` from the last one with
-   the same data order (the sampler depends only on ``(seed, epoch)``; done steps are skipped);
+4. AdamW, warm-up + cosine, in the shared :class:`~medmap.engines.trainer.TrainingLoop`
+   (precision, clipping, atomic checkpoints every ``training.ckpt_every_steps`` steps and at
+   the end, bit-identical ``--resume``, ``checkpoints/best`` by held-out mean v2t R@5 every
+   ``eval.every_steps`` steps and at the end);
 5. evaluate on the held-out split: per-modality retrieval R@1/5/10 both ways, with chance
    levels, and zero-shot classification from class prompts; ``RUN_DIR/metrics/``.
 """
@@ -40,22 +41,17 @@ from medmap.data.studylist import Study, read_study_list
 from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
-    RunLogger,
     barrier,
     cleanup_distributed,
     configure_threads,
     claim_run_dir,
-    clip_gradients,
     find_checkpoint,
-    load_checkpoint,
-    progress_bar,
-    position_epoch,
-    save_checkpoint,
     save_resolved_config,
     setup_distributed,
     warmup_cosine_schedule,
 )
 from medmap.errors import ConfigError, StudyListError
+from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
 from medmap.evaluation.retrieval import retrieval_metrics
 from medmap.losses.contrastive import build_contrastive_loss
 from medmap.models.pretrain import MedMAPPretrainModel, build_pretrain_model
@@ -372,101 +368,54 @@ def run_pretraining(
         scheduler = warmup_cosine_schedule(
             optimizer, int(tcfg.get("warmup_steps", 0)), total_steps, float(tcfg.get("min_lr_ratio", 0.0))
         )
-        step = 0
-        resumed_rng = None
-        if last is not None:
-            state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
-            step = int(state["step"])
-            resumed_rng = state.get("rng") if info.world_size == 1 else None
+        eval_every = int((cfg.get("eval") or {}).get("every_steps", 0) or 0)
+        plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
+                        grad_clip=float(tcfg.get("grad_clip", 0) or 0), log_every=max(1, int(rcfg.get("log_every", 1))),
+                        validate_every_steps=eval_every, ckpt_every_steps=int(tcfg.get("ckpt_every_steps", 0) or 0),
+                        select_metric="mean_v2t_R@5")
+        loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, info, progress=bool(rcfg.get("progress", True)))
+        logger = loop.start(last)
         train_model: nn.Module = model
         if info.distributed:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True
             )
-        logger = RunLogger(run_dir, enabled=info.is_main, resume_step=step if last is not None else None)
-        precision = str(tcfg.get("precision", "auto"))
-        ckpt_every = int(tcfg.get("ckpt_every_steps", 0) or 0)
-        log_every = max(1, int(rcfg.get("log_every", 1)))
-        eval_every = int((cfg.get("eval") or {}).get("every_steps", 0) or 0)
-        best_score = -math.inf
-        if last is not None:
-            best_score = float(state.get("extra", {}).get("best_score", -math.inf))
-        bar = progress_bar(total_steps, initial=step, enabled=info.is_main and bool(rcfg.get("progress", True)))
-        model.train()
+        final: dict[str, Any] = {}
+
+        def step_fn(batch: dict[str, Any]) -> StepResult:
+            organ = data.organs[batch["organ"]]
+            emb, ids, usable = batch_text(batch, data.table, batch["present"])
+            with loop.autocast():
+                out = train_model(batch["images"].to(info.device), usable.to(info.device), organ.modalities, emb.to(info.device))
+            pi = out["pair_index"].cpu()
+            text_ids = ids[pi[:, 0], pi[:, 1]].to(info.device)
+            loss = loss_fn(out["v"].float(), out["t"].float(), text_ids, out["modality"], out["logit_scale"].float())
+            logs = {"epoch": loop.step // steps_per_epoch, "pairs": float(out["v"].shape[0]),
+                    "mean_logit_scale": float(out["logit_scale"].detach().mean())}
+            return StepResult(loss, logs, {"organ": organ.name})
+
+        def validate() -> Validation | None:
+            if not data.held_out:
+                return None
+            metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
+            final.update(metrics, step=loop.step)  # the last one is the final model's
+            return Validation(metrics.get("mean_v2t_R@5", -math.inf),
+                              {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k})
+
         t0 = time.time()
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            seed_everything(derive_seed(seed, epoch, info.rank))
-            batches = iter(DataLoader(  # creating the iterator draws from the global RNG
-                train_ds,
-                batch_sampler=sampler.rank_batches(epoch, skip),
-                collate_fn=collate_studies,
-                num_workers=int(rcfg.get("num_workers", 0)),
-                persistent_workers=False,
-            ))
-            position_epoch(augment, sampler, epoch, skip, resumed_rng)
-            resumed_rng = None
-            for batch in batches:
-                organ = data.organs[batch["organ"]]
-                present = batch["present"]
-                emb, ids, usable = batch_text(batch, data.table, present)
-                with autocast_context(precision, info.device):
-                    out = train_model(batch["images"].to(info.device), usable.to(info.device), organ.modalities, emb.to(info.device))
-                pi = out["pair_index"].cpu()
-                text_ids = ids[pi[:, 0], pi[:, 1]].to(info.device)
-                loss = loss_fn(out["v"].float(), out["t"].float(), text_ids, out["modality"], out["logit_scale"].float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = clip_gradients(model, float(tcfg.get("grad_clip", 0) or 0))
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", organ=organ.name)
-                if step % log_every == 0 or step == total_steps:
-                    logger.log(
-                        step,
-                        {
-                            "loss": loss.item(),
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm,
-                            "epoch": epoch,
-                            "pairs": float(out["v"].shape[0]),
-                            "mean_logit_scale": float(out["logit_scale"].detach().mean()),
-                        },
-                    )
-                if eval_every and step % eval_every == 0 and step < total_steps and data.held_out:
-                    if info.is_main:
-                        metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
-                        score = metrics.get("mean_v2t_R@5", -math.inf)
-                        logger.log(step, {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k})
-                        if score > best_score:
-                            best_score = score
-                            save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
-                                            extra={"best_score": best_score, "metric": "mean_v2t_R@5"})
-                    barrier(info)
-                if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
-                    if info.is_main:
-                        save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step,
-                                        epoch=epoch, config=cfg, extra={"best_score": best_score})
-                    barrier(info)
-                if step >= total_steps:
-                    break
-        bar.close()
-        train_time = time.time() - t0
-        metrics: dict[str, Any] = {}
+        num_workers = int(rcfg.get("num_workers", 0))
+        loop.run(lambda epoch, skip: iter(DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch, skip),
+                                                     collate_fn=collate_studies, num_workers=num_workers)),
+                 step_fn, validate, augment, sampler)
         if info.is_main:
-            logger.log(step, {"train_time_s": train_time})
-            if data.held_out:
-                metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
-                metrics["step"] = step
-                write_metrics(run_dir, metrics, f"pretrain_{data.held_out_split}")
-                if not eval_every:
-                    save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, config=cfg,
-                                    extra={"metric": "final (no periodic evaluation)"})
+            logger.log(loop.step, {"train_time_s": time.time() - t0})
+            if not final and data.held_out:  # a finished run resumed: evaluate its final model again
+                final.update(evaluate_pretraining(model, data, cfg, info.device, pcache), step=loop.step)
+            if final:
+                write_metrics(run_dir, final, f"pretrain_{data.held_out_split}")
             logger.close()
         barrier(info)
-        return metrics
+        return final
     finally:
         guard.close()
         cleanup_distributed(info)

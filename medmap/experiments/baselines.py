@@ -343,13 +343,14 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     """
     from medmap.data.cache import PreprocessCache, default_cache_root
     from medmap.data.dataset import StudyDataset, collate_studies
-    from medmap.precision import autocast_context
-    from medmap.engines.common import (RunLogger, clip_gradients, find_checkpoint, load_checkpoint,
-                                       save_checkpoint, save_resolved_config, warmup_cosine_schedule)
     from medmap.data.sampler import OrganBatchSampler
+    from medmap.data.validate import preflight_studies
+    from medmap.engines.common import (DistInfo, find_checkpoint, load_checkpoint, save_resolved_config,
+                                       warmup_cosine_schedule)
+    from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
     from medmap.evaluation.metrics import compute_metrics
     from medmap.losses.finetune import class_weights_from_labels
-    from medmap.utils import derive_seed, pick_device, seed_everything
+    from medmap.utils import pick_device, seed_everything
 
     run_dir = Path(run_dir)
     organ = load_organ_config(cfg["organ"])
@@ -360,8 +361,6 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     splits = labelled_splits(study_list, organ, seed, (cfg.get("data") or {}).get("labels_per_class"))
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
-    from medmap.data.validate import preflight_studies
-
     preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
@@ -388,44 +387,28 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     total = epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch), total,
                                        float(tcfg.get("min_lr_ratio", 0.0)))
-    precision = str(tcfg.get("precision", "auto"))
-    select = str(tcfg.get("select_metric", "balanced_accuracy"))
-    step, best = 0, -math.inf
-    last = find_checkpoint(run_dir, "last")
-    if last is not None:
-        state = load_checkpoint(last, model, optimizer, scheduler, config=cfg, restore_rng=False)
-        step, best = int(state["step"]), float(state["extra"].get("best_score", -math.inf))
-    logger = RunLogger(run_dir, resume_step=step if last is not None else None, tensorboard=False)
-    t0 = time.time()
-    while step < total:
-        epoch = step // steps_per_epoch
-        seed_everything(derive_seed(seed, epoch, 0))
-        if augment is not None:
-            augment.set_position(epoch)
-        model.train()
-        loader = DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch), collate_fn=collate_studies)
-        for batch in loader:
-            with autocast_context(precision, device):
-                logits = model(batch["images"].to(device), batch["present"].to(device))
-            loss = loss_fn(logits.float(), batch["label"].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(model, float(tcfg.get("grad_clip", 1.0) or 0))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            logger.log(step, {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-        y, p = _predict_cnn(model, eval_loader["val"], device, precision)
-        score = compute_metrics(y, p, organ.classes, n_bootstrap=0).get(select)
+    plan = LoopPlan(total, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
+                    grad_clip=float(tcfg.get("grad_clip", 1.0) or 0), validate_every_epochs=1, ckpt_every_epochs=1,
+                    select_metric=str(tcfg.get("select_metric", "balanced_accuracy")))
+    loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, DistInfo(device=device), tensorboard=False)
+    logger = loop.start(find_checkpoint(run_dir, "last"))
+
+    def step_fn(batch: dict[str, Any]) -> StepResult:
+        with loop.autocast():
+            logits = model(batch["images"].to(device), batch["present"].to(device))
+        return StepResult(loss_fn(logits.float(), batch["label"].to(device)))
+
+    def validate() -> Validation:
+        y, p = _predict_cnn(model, eval_loader["val"], device, plan.precision)
+        score = compute_metrics(y, p, organ.classes, n_bootstrap=0).get(plan.select_metric)
         score = -math.inf if score is None else float(score)
-        logger.log(step, {"epoch": epoch, f"val_{select}": score})
-        if score > best or not (run_dir / "checkpoints" / "best").is_dir():  # undefined metric: keep the first
-            best = score
-            save_checkpoint(run_dir / "checkpoints" / "best", model, step=step, epoch=epoch, config=cfg,
-                            extra={"best_score": best, "metric": select})
-        save_checkpoint(run_dir / "checkpoints" / "last", model, optimizer, scheduler, step=step, epoch=epoch + 1,
-                        config=cfg, extra={"best_score": best})
+        return Validation(score, {f"val_{plan.select_metric}": score})
+
+    t0 = time.time()
+    loop.run(lambda epoch, skip: iter(DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch, skip),
+                                                 collate_fn=collate_studies)), step_fn, validate, augment, sampler)
     logger.close()
+    precision = plan.precision
     load_checkpoint(run_dir / "checkpoints" / "best", model, restore_rng=False)
     extra = {"baseline": "monai_cnn", "net": dict(cfg.get("net") or {}), "seed": seed,
              "train_time_s": time.time() - t0, "input": "2M channels: volumes (missing = 0) + presence"}

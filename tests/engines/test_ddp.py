@@ -110,24 +110,25 @@ def test_two_gloo_ranks_match_one_process_with_twice_the_batch(tmp_path: Path) -
 _RECORDING_LAUNCHER = '''
 import atexit, json, os, sys
 import medmap.engines.finetune as ft
+import medmap.engines.trainer as trainer
 
 rank = int(os.environ["RANK"])
 calls = []
-def wrap(name):
-    real = getattr(ft, name)
+def wrap(module, name):
+    real = getattr(module, name)
     def recorded(*a, **k):
         calls.append(name)
         return real(*a, **k)
-    setattr(ft, name, recorded)
-for name in ("save_checkpoint", "save_resolved_config", "atomic_write_json", "atomic_write_text",
-             "save_text_bank", "evaluate_and_report"):
-    wrap(name)
-real_logger = ft.RunLogger
+    setattr(module, name, recorded)
+for name in ("save_resolved_config", "atomic_write_json", "atomic_write_text", "save_text_bank", "evaluate_and_report"):
+    wrap(ft, name)
+wrap(trainer, "save_checkpoint")
+real_logger = trainer.RunLogger
 def logger(*a, **k):
     lg = real_logger(*a, **k)
     calls.append("RunLogger(enabled=%s)" % lg.enabled)
     return lg
-ft.RunLogger = logger
+trainer.RunLogger = logger
 atexit.register(lambda: open(os.path.join(sys.argv[1], "rank%d.json" % rank), "w").write(json.dumps(calls)))
 from medmap.cli.main import main
 sys.exit(main(sys.argv[2:]))

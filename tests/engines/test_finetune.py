@@ -100,7 +100,9 @@ def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Pa
     aug = "{enabled: true, flip: {prob: 0.5}, affine: {prob: 0.5, degrees: 8, scales: 0.08, translation_mm: 2}, noise: {prob: 0.5, std: 0.05}}"
     cfg = _ft_cfg(data, **{"training.ckpt_every_steps": 3, "data.augment": aug, "model.dropout": 0.2})
     out = tmp_path / "run"
-    real = ft.progress_bar
+    import medmap.engines.trainer as trainer
+
+    real = trainer.progress_bar
     calls = {"n": 0}
 
     def dying_bar(*a, **k):  # noqa: ANN002, ANN003
@@ -116,10 +118,10 @@ def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Pa
         bar.update = update
         return bar
 
-    monkeypatch.setattr(ft, "progress_bar", dying_bar)
+    monkeypatch.setattr(trainer, "progress_bar", dying_bar)
     with pytest.raises(KeyboardInterrupt):
         run_finetuning(cfg, data, out)
-    monkeypatch.setattr(ft, "progress_bar", real)
+    monkeypatch.setattr(trainer, "progress_bar", real)
     state = torch.load(out / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["step"] == 6
     run_finetuning(cfg, data, out, resume=True)
