@@ -237,12 +237,33 @@ def organ_config_from(spec: dict[str, Any], _depth: int = 0) -> OrganConfig:
 
 
 def load_config(name_or_path: str | Path, kind: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Load a run config (built-in name or path) and apply ``a.b=value`` overrides."""
+    """Load a run config (built-in name or path) and apply ``a.b=value`` overrides.
+
+    A config with a ``base`` key (a built-in name, or a path, relative to the file that
+    names it) is that config with the given keys replaced, section by section, so a user's
+    file holds only what it changes::
+
+        base: liver              # medmap/configs/finetune/liver.yaml
+        training: {epochs: 20}   # every other key as in the base
+    """
     from medmap.config_check import check_run_config
 
-    cfg = apply_overrides(load_yaml(resolve_config_path(name_or_path, kind)), overrides or [])
+    cfg = apply_overrides(run_config_from(resolve_config_path(name_or_path, kind), kind), overrides or [])
     check_run_config(cfg, kind)
     return cfg
+
+
+def run_config_from(path: Path, kind: str, _depth: int = 0) -> dict[str, Any]:
+    """The run config in ``path`` with its ``base`` chain merged in (see :func:`load_config`)."""
+    spec = load_yaml(path)
+    base = spec.pop("base", None)
+    if base is None:
+        return spec
+    if _depth > 8:
+        raise ConfigError(f"{path}: 'base' chain too long (a cycle?) at '{base}'")
+    near = path.parent / str(base)
+    base_path = near if near.suffix in (".yaml", ".yml") and near.is_file() else resolve_config_path(base, kind)
+    return deep_merge(run_config_from(base_path, kind, _depth + 1), spec)
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

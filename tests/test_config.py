@@ -107,3 +107,20 @@ def test_a_retired_key_says_what_to_use_and_old_run_folders_still_load() -> None
     with pytest.raises(ConfigError, match=r"'encoder.pretrained' is not read any more: pass the stage-1 run .* --init"):
         check_run_config({"encoder": {"arch": "cnn_patch", "pretrained": "runs/s1"}}, "finetune")
     check_run_config({"encoder": {"arch": "cnn_patch", "pretrained": None}}, "finetune")  # as older runs saved it
+
+
+def test_a_run_config_with_a_base_holds_only_what_it_changes(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("base: liver\ntraining: {epochs: 20}\nmodel: {cct: {layers: 1}}\n")
+    (tmp_path / "mine2.yaml").write_text("base: mine.yaml\nrun: {threads: 1}\n")  # a path next to this file
+    cfg = load_config(tmp_path / "mine2.yaml", "finetune")
+    liver = load_config("liver", "finetune")
+    assert cfg["training"]["epochs"] == 20 and cfg["model"]["cct"]["layers"] == 1 and cfg["run"]["threads"] == 1
+    assert cfg["training"]["lr"] == liver["training"]["lr"] and cfg["model"]["cct"]["self_attention"] is True
+    assert "base" not in cfg
+    (tmp_path / "typo.yaml").write_text("base: liver\ntraining: {epoch: 20}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'training.epoch'"):
+        load_config(tmp_path / "typo.yaml", "finetune")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="'base' chain too long"):
+        load_config(tmp_path / "a.yaml", "finetune")
