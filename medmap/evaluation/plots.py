@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -196,12 +197,12 @@ def row_scores_figure(panels: Sequence[tuple[str, Sequence[tuple[str, float, flo
             ax.plot(list(seeds), [y] * len(seeds), "o", color="black", markersize=2.5, alpha=0.7)
         if chance is not None:
             ax.axvline(chance, color="grey", linestyle=":", label="chance")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_yticks(ys)
         ax.set_yticklabels([r[0] for r in rows], fontsize=8)
         ax.set_xlim(0, 1.0)
         ax.set_xlabel(xlabel)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, 48), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
