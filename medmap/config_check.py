@@ -29,6 +29,8 @@ _ANY = object()
 #: Keys that are no longer read: ``None`` (as saved in older run folders) is accepted, anything
 #: else is an error that says what to use instead.
 RETIRED = {"finetune": {("encoder", "pretrained"): "pass the stage-1 run to start from with --init RUN"}}
+#: Keys that moved: read at their old place too (run folders saved before the move), checked at the new one.
+MOVED = {"pretrain": {("encoder", "modality_aware"): ("ablation", "modality_aware")}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +81,15 @@ def check_run_config(cfg: Mapping[str, Any], kind: str) -> None:
 
 def _without_retired(cfg: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     out = dict(cfg)
+    for (section, key), (new_section, new_key) in MOVED.get(kind, {}).items():
+        sub = out.get(section)
+        if isinstance(sub, Mapping) and key in sub:
+            moved = dict(out.get(new_section) or {})
+            if new_key in moved and moved[new_key] != sub[key]:
+                raise ConfigError(f"config keys '{section}.{key}' (its old place) and '{new_section}.{new_key}' disagree")
+            moved.setdefault(new_key, sub[key])
+            out[section] = {k: v for k, v in sub.items() if k != key}
+            out[new_section] = moved
     for (section, key), instead in RETIRED.get(kind, {}).items():
         sub = out.get(section)
         if isinstance(sub, Mapping) and key in sub:

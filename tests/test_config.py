@@ -124,3 +124,18 @@ def test_a_run_config_with_a_base_holds_only_what_it_changes(tmp_path: Path) -> 
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="'base' chain too long"):
         load_config(tmp_path / "a.yaml", "finetune")
+
+
+def test_modality_aware_has_one_name_and_older_stage1_runs_still_load() -> None:
+    from medmap.config_check import check_run_config
+    from medmap.models.pretrain import is_modality_aware
+
+    cfg = load_config("tiny", "pretrain", ["ablation.modality_aware=false"])
+    assert "modality_aware" not in cfg["encoder"] and is_modality_aware(cfg) is False
+    saved = {"encoder": {"arch": "cnn_small", "modality_aware": False}}  # a stage-1 run saved before the move
+    check_run_config(saved, "pretrain")
+    assert is_modality_aware(saved) is False and is_modality_aware({}) is True
+    with pytest.raises(ConfigError, match="disagree"):
+        check_run_config({**saved, "ablation": {"modality_aware": True}}, "pretrain")
+    with pytest.raises(ConfigError, match="must be true or false"):
+        check_run_config({"encoder": {"modality_aware": "yes"}}, "pretrain")

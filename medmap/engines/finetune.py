@@ -57,6 +57,7 @@ from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
 from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
+from medmap.models.pretrain import is_modality_aware
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -88,11 +89,11 @@ def _check_init_arch(cfg: Mapping[str, Any], init: Path) -> None:
     if pre_arch is not None and arch is not None and pre_arch != arch:
         raise ConfigError(f"--init run used encoder.arch={pre_arch!r} but this config has {arch!r}; "
                           f"set encoder.arch={pre_arch} (e.g. --set encoder.arch={pre_arch})")
-    pre_shared = not bool((pre.get("encoder") or {}).get("modality_aware", True))
+    pre_shared = not is_modality_aware(pre)
     shared = not ablation_switches(cfg)["modality_aware"]
     if pre_shared != shared:
         raise ConfigError("--init run and this config disagree on modality-aware vs shared encoders "
-                          "(pretrain encoder.modality_aware vs finetune ablation.modality_aware)")
+                          "(ablation.modality_aware of the stage-1 run and of this config)")
 
 
 def _loader(ds: StudyDataset, batches: list[list[int]], num_workers: int) -> DataLoader:

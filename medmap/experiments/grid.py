@@ -135,7 +135,7 @@ class ExperimentGrid:
         cfg["data"]["organs"] = [str(self.organ_path(t)) for t in ([scope] if scope else self.tasks)]
         if self._arch() is not None:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
-        cfg["encoder"]["modality_aware"] = setting == "aware"
+        cfg.setdefault("ablation", {})["modality_aware"] = setting == "aware"
         cfg["training"]["seed"] = int(seed)
         cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
         return cfg

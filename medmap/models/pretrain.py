@@ -141,6 +141,15 @@ class MedMAPPretrainModel(nn.Module):
         }
 
 
+def is_modality_aware(cfg: Mapping[str, Any]) -> bool:
+    """``ablation.modality_aware`` of a stage-1 config, the switch stage 2 has under the same
+    name (run folders saved before it moved there have it as ``encoder.modality_aware``)."""
+    ablation = cfg.get("ablation") or {}
+    if "modality_aware" in ablation:
+        return bool(ablation["modality_aware"])
+    return bool((cfg.get("encoder") or {}).get("modality_aware", True))
+
+
 def build_pretrain_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfig], text_dim: int) -> MedMAPPretrainModel:
     """The stage-1 model for all modalities of the configured organs."""
     enc, mcfg = cfg["encoder"], cfg.get("model") or {}
@@ -159,7 +168,7 @@ def build_pretrain_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfi
         arch=enc["arch"],
         text_dim=text_dim,
         embed_dim=int(mcfg.get("embed_dim", 128)),
-        shared_encoder=not bool(enc.get("modality_aware", True)),
+        shared_encoder=not is_modality_aware(cfg),
         vision_proj=str(mcfg.get("vision_proj", "linear")),
         text_proj=str(mcfg.get("text_proj", "mlp")),
         init_logit_scale=float(mcfg.get("init_logit_scale", 1 / 0.07)),

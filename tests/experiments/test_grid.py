@@ -56,8 +56,8 @@ def test_tiny_grid_writes_both_tables_with_every_row(grid: tuple[Path, object]) 
 def test_rows_use_the_right_stage1_runs_and_settings(grid: tuple[Path, object]) -> None:
     out, _ = grid
     load = lambda p: yaml.safe_load((out / p).read_text())  # noqa: E731
-    assert load("pretrain/aware_seed0/config.yaml")["encoder"]["modality_aware"] is True
-    assert load("pretrain/shared_seed0/config.yaml")["encoder"]["modality_aware"] is False
+    assert load("pretrain/aware_seed0/config.yaml")["ablation"]["modality_aware"] is True
+    assert load("pretrain/shared_seed0/config.yaml")["ablation"]["modality_aware"] is False
     # the shared-encoder row starts from the shared stage-1 run; the others from the aware one
     info = {r: json.loads((out / f"runs/liver/{r}/seed0/run_info.json").read_text()) for r in ("full", "shared_encoder", "no_csa")}
     assert "/pretrain/shared_seed0/" in info["shared_encoder"]["init"]
