@@ -75,11 +75,12 @@ def check_run_config(cfg: Mapping[str, Any], kind: str) -> None:
     """Raise :class:`ConfigError` for the first unknown key or wrongly typed value in ``cfg``."""
     if kind not in CHECKED_KINDS:
         return
-    cfg = _without_retired(cfg, kind)
+    cfg = _with_current_names(cfg, kind)
     _check(cfg, _schema(kind), "")
 
 
-def _without_retired(cfg: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+def _with_current_names(cfg: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    """``cfg`` as checked: moved keys at their new place, retired keys (``None`` only) dropped."""
     out = dict(cfg)
     for (section, key), (new_section, new_key) in MOVED.get(kind, {}).items():
         sub = out.get(section)

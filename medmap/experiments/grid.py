@@ -131,7 +131,6 @@ class ExperimentGrid:
         name = name[scope] if isinstance(name, Mapping) else name
         cfg = load_config(name, "pretrain", list(p.get("overrides") or []))
         cfg = deep_merge(cfg, p.get("set") or {})
-        cfg = deep_merge(cfg, (p.get("task_set") or {}).get(scope) or {})
         cfg["data"]["organs"] = [str(self.organ_path(t)) for t in ([scope] if scope else self.tasks)]
         if self._arch() is not None:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())
@@ -401,6 +400,6 @@ def _result(path: Path, task: str, row: str, seed: int, label: str, regime: str 
     import json
 
     try:
-        return RunResult(task, row, seed, json.loads(path.read_text()), label, regime)
+        return RunResult(task, row, seed, json.loads(path.read_text()), label, regime, path)
     except (OSError, ValueError):
         return None

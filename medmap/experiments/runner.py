@@ -219,14 +219,6 @@ def write_grid_tables(cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[i
     return paths
 
 
-def _predictions_path(grid: ExperimentGrid, r: RunResult) -> Path:
-    """Where a finished run's test predictions are (a dropped-sequence row: its source run's folder)."""
-    if "_without_" in r.row and r.row.split("_without_")[0] in {x.name for x in grid.rows}:
-        src, seq = r.row.split("_without_", 1)
-        return grid.run_dir(r.task, src, r.seed, r.regime) / "metrics" / f"test_without_{seq}" / "predictions.csv"
-    return grid.run_dir(r.task, r.row, r.seed, r.regime) / "metrics" / "test" / "predictions.csv"
-
-
 def write_claims_and_figure(grid: ExperimentGrid, results: Sequence[RunResult]) -> dict[str, Path]:
     """Each claim's paired difference (``claims.md`` / ``.csv``, :mod:`medmap.experiments.claims`) and
     one figure panel per task and regime with every row's score (``rows.png``)."""
@@ -236,8 +228,8 @@ def write_claims_and_figure(grid: ExperimentGrid, results: Sequence[RunResult]) 
     runs: dict[tuple[str, str, str], dict[str, Path]] = {}
     label_of: dict[str, str] = {}
     for r in results:
-        path = _predictions_path(grid, r)
-        if path.is_file():
+        path = r.source.parent / "predictions.csv" if r.source is not None else None
+        if path is not None and path.is_file():
             runs.setdefault((r.task, r.regime, r.row), {})[str(r.seed)] = path
             label_of[r.row] = r.label
     classes = {t: list(grid.organ_config(t).classes) for t in grid.tasks}

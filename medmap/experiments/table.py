@@ -57,6 +57,7 @@ class RunResult:
     metrics: Mapping[str, Any]
     label: str = ""
     regime: str = ""  #: the label regime of the grid (``""`` when the grid has none)
+    source: Path | None = None  #: the ``metrics.json`` read (its folder holds ``predictions.csv``)
 
 
 @dataclass(frozen=True)
