@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from medmap.data.studylist import read_study_list  # noqa: E402
 from medmap.text.cache import run_text_cache  # noqa: E402
+from medmap.run_config import TextSection  # noqa: E402
 from medmap.experiments.ceiling import retrieval_ceiling  # noqa: E402
 
 KEYS = ("v2t_R@1", "v2t_R@5", "t2v_R@5", "v2t_R@10")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     studies = read_study_list(args.study_list)
-    cache = run_text_cache({"text": {"model": args.text_model}}, args.study_list.resolve().parent / ".medmap_cache" / "text")
+    cache = run_text_cache(TextSection(model=args.text_model), args.study_list.resolve().parent / ".medmap_cache" / "text")
     keys = None if args.keys is None else {k.strip() for k in args.keys.split(",") if k.strip()}
     ceiling = retrieval_ceiling(studies, cache, eval_split=args.eval_split, keys=keys)
     run = None

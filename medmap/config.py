@@ -246,7 +246,7 @@ def load_config(name_or_path: str | Path, kind: str, overrides: list[str] | None
         base: liver              # medmap/configs/finetune/liver.yaml
         training: {epochs: 20}   # every other key as in the base
     """
-    from medmap.config_check import check_run_config
+    from medmap.run_config import check_run_config
 
     cfg = apply_overrides(run_config_from(resolve_config_path(name_or_path, kind), kind), overrides or [])
     check_run_config(cfg, kind)

@@ -102,7 +102,7 @@ def test_the_engines_check_before_writing_anything(tmp_path: Path) -> None:
 
 
 def test_a_retired_key_says_what_to_use_and_old_run_folders_still_load() -> None:
-    from medmap.config_check import check_run_config
+    from medmap.run_config import check_run_config
 
     with pytest.raises(ConfigError, match=r"'encoder.pretrained' is not read any more: pass the stage-1 run .* --init"):
         check_run_config({"encoder": {"arch": "cnn_patch", "pretrained": "runs/s1"}}, "finetune")
@@ -127,7 +127,7 @@ def test_a_run_config_with_a_base_holds_only_what_it_changes(tmp_path: Path) -> 
 
 
 def test_modality_aware_has_one_name_and_older_stage1_runs_still_load() -> None:
-    from medmap.config_check import check_run_config
+    from medmap.run_config import check_run_config
     from medmap.models.pretrain import is_modality_aware
 
     cfg = load_config("tiny", "pretrain", ["ablation.modality_aware=false"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medmap.config import load_config
+from medmap.run_config import DemoConfig, DemoEvaluate, DemoTask, finetune_config, parse_run_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def _stage(name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, "demo", args.overrides)
+    cfg: DemoConfig = parse_run_config(load_config(args.config, "demo", args.overrides), "demo")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -44,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
     timings["synth"] = time.time() - t
 
     rows: list[dict[str, Any]] = []
-    tasks = cfg["tasks"]
-    for i, (task, tcfg) in enumerate(tasks.items(), start=1):
-        rows.append(_run_task(task, tcfg, cfg["evaluate"], study_list, out, f"{i}/{len(tasks)}", timings))
+    for i, (task, tcfg) in enumerate(cfg.tasks.items(), start=1):
+        rows.append(_run_task(task, tcfg, cfg.evaluate, study_list, out, f"{i}/{len(cfg.tasks)}", timings))
 
     print("\n" + summary_table(rows))
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthesise(cfg: dict[str, Any], data_dir: Path) -> Path:
+def _synthesise(cfg: DemoConfig, data_dir: Path) -> Path:
     """Generate the demo's MedMoM-Synth set (once) and validate it."""
     from medmap.data.synth.generate import generate, load_synth_config
     from medmap.data.validate import validate_study_list
@@ -65,12 +65,9 @@ def _synthesise(cfg: dict[str, Any], data_dir: Path) -> Path:
 
     _stage("generate MedMoM-Synth")
     study_list = data_dir / "studies.jsonl"
-    scfg = cfg["synth"]
-    n = scfg["n"]
-    n = {k: int(v) for k, v in n.items()} if isinstance(n, dict) else int(n)
+    scfg = cfg.synth
     if not study_list.is_file():
-        generate(data_dir, scfg["organs"], n, seed=int(cfg.get("seed", 0)),
-                 config=load_synth_config(scfg.get("config"), scfg.get("overrides") or []))
+        generate(data_dir, scfg.organs, scfg.n, seed=cfg.seed, config=load_synth_config(scfg.config, scfg.overrides))
     else:
         print(f"reusing {study_list}")
     _stage("validate the study list")
@@ -83,7 +80,7 @@ def _synthesise(cfg: dict[str, Any], data_dir: Path) -> Path:
     return study_list
 
 
-def _run_task(task: str, tcfg: dict[str, Any], ecfg: dict[str, Any], study_list: Path, out: Path,
+def _run_task(task: str, tcfg: DemoTask, ecfg: DemoEvaluate, study_list: Path, out: Path,
               step: str, timings: dict[str, float]) -> dict[str, Any]:
     """Stage 1, stage 2 (selected on val), the test split, and the intensity baseline for one task."""
     from medmap.engines.common import find_checkpoint
@@ -95,7 +92,7 @@ def _run_task(task: str, tcfg: dict[str, Any], ecfg: dict[str, Any], study_list:
     _stage(f"{step} {task}: stage 1, modality-aware contrastive pre-training")
     t = time.time()
     pre_dir = out / f"pretrain_{task}"
-    pcfg = load_config(tcfg["pretrain"]["config"], "pretrain", tcfg["pretrain"].get("overrides") or [])
+    pcfg = load_config(tcfg.pretrain.config, "pretrain", tcfg.pretrain.overrides)
     if find_checkpoint(pre_dir, "best") is None:
         run_pretraining(pcfg, study_list, pre_dir, resume=find_checkpoint(pre_dir, "last") is not None)
     pre_metrics = _read_json(next(iter(sorted((pre_dir / "metrics").glob("pretrain_*.json"))), None))
@@ -103,18 +100,18 @@ def _run_task(task: str, tcfg: dict[str, Any], ecfg: dict[str, Any], study_list:
 
     _stage(f"{step} {task}: stage 2, fine-tune (CSA + CCT + KL), select on val")
     t = time.time()
-    fcfg = load_config(tcfg["finetune"]["config"], "finetune", tcfg["finetune"].get("overrides") or [])
+    fcfg = load_config(tcfg.finetune.config, "finetune", tcfg.finetune.overrides)
     run_dir = out / f"finetune_{task}"
     if find_checkpoint(run_dir, "best") is None or not (run_dir / "metrics" / "finetune_summary.json").is_file():
         run_finetuning(fcfg, study_list, run_dir, resume=find_checkpoint(run_dir, "last") is not None, init=pre_dir)
     timings[f"finetune_{task}"] = time.time() - t
 
-    _stage(f"{step} {task}: evaluate on the {ecfg['split']} split, with the intensity baseline")
+    _stage(f"{step} {task}: evaluate on the {ecfg.split} split, with the intensity baseline")
     t = time.time()
-    n_boot = int(ecfg["bootstrap"])
-    m = evaluate_run(run_dir, split=ecfg["split"], n_bootstrap=n_boot)
+    n_boot = ecfg.bootstrap
+    m = evaluate_run(run_dir, split=ecfg.split, n_bootstrap=n_boot)
     base = run_intensity_baseline(study_list, run_dir / "organ.yaml", out / f"intensity_{task}",
-                                  seed=int(fcfg["training"]["seed"]), n_bootstrap=n_boot)
+                                  seed=finetune_config(fcfg).training.seed, n_bootstrap=n_boot)
     timings[f"evaluate_{task}"] = time.time() - t
     return {"task": task, "m": m, "baseline": base, "pre": pre_metrics, "dir": m["output_dir"],
             "pretrain_dir": pre_dir}

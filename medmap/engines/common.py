@@ -150,7 +150,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- configs
 #: keys that may change between a run and its resumption without invalidating it
-VOLATILE_KEYS = ("run.num_workers", "run.log_every", "run.progress", "run.checkpoint_every", "run.device", "run.threads")
+VOLATILE_KEYS = ("run.num_workers", "run.log_every", "run.progress", "run.device", "run.threads")
 
 
 def config_hash(cfg: Mapping[str, Any], volatile: tuple[str, ...] = VOLATILE_KEYS) -> str:

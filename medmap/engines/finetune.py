@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medmap.config import load_organ_config, load_yaml
-from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.sampler import OrganBatchSampler
@@ -56,8 +55,8 @@ from medmap.evaluation.metrics import compute_metrics
 from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
-from medmap.models.medmap import ablation_switches, build_medmap_classifier, load_encoders_from_pretrain
-from medmap.models.pretrain import is_modality_aware
+from medmap.models.medmap import build_medmap_classifier, load_encoders_from_pretrain
+from medmap.run_config import FinetuneConfig, finetune_config, pretrain_config
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -78,20 +77,17 @@ def resolve_init_checkpoint(init: str | Path) -> Path:
     raise CheckpointError(f"--init {init}: no stage-1 checkpoint found (expected checkpoints/best or checkpoints/last)")
 
 
-def _check_init_arch(cfg: Mapping[str, Any], init: Path) -> None:
+def _check_init_arch(cfg: FinetuneConfig, init: Path) -> None:
     """Refuse an ``--init`` run whose encoder arch / sharing differs from this config's."""
     run_dir = init.parent.parent.parent if init.parent.parent.name == "checkpoints" else None
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return
-    pre = load_yaml(run_dir / "config.yaml")
-    pre_arch = (pre.get("encoder") or {}).get("arch")
-    arch = (cfg.get("encoder") or {}).get("arch")
-    if pre_arch is not None and arch is not None and pre_arch != arch:
-        raise ConfigError(f"--init run used encoder.arch={pre_arch!r} but this config has {arch!r}; "
-                          f"set encoder.arch={pre_arch} (e.g. --set encoder.arch={pre_arch})")
-    pre_shared = not is_modality_aware(pre)
-    shared = not ablation_switches(cfg)["modality_aware"]
-    if pre_shared != shared:
+    pre = pretrain_config(load_yaml(run_dir / "config.yaml"))
+    arch = cfg.encoder.arch
+    if arch is not None and pre.encoder.arch != arch:
+        raise ConfigError(f"--init run used encoder.arch={pre.encoder.arch!r} but this config has {arch!r}; "
+                          f"set encoder.arch={pre.encoder.arch} (e.g. --set encoder.arch={pre.encoder.arch})")
+    if pre.ablation.modality_aware != cfg.ablation.modality_aware:
         raise ConfigError("--init run and this config disagree on modality-aware vs shared encoders "
                           "(ablation.modality_aware of the stage-1 run and of this config)")
 
@@ -119,29 +115,29 @@ def run_finetuning(
     Returns:
         On rank 0, a summary with the best validation metrics; ``{}`` on other ranks.
     """
-    check_run_config(cfg, "finetune")  # misspelt keys and wrong types fail before anything is written
+    typed = finetune_config(cfg)  # misspelt keys and wrong types fail before anything is written
+    if typed.organ is None:
+        raise ConfigError("fine-tuning config: 'organ' is required (a built-in organ name or a YAML path)")
     run_dir = Path(run_dir)
-    tcfg = dict(cfg.get("training") or {})
-    rcfg = dict(cfg.get("run") or {})
-    configure_threads(rcfg.get("threads"))
-    info = setup_distributed(str(rcfg.get("device", "auto")))
+    configure_threads(typed.run.threads)
+    info = setup_distributed(typed.run.device)
     try:
         with claim_run_dir(run_dir, resume, info):  # every rank checks, so none waits for the others
-            return _finetune(cfg, tcfg, rcfg, Path(study_list), run_dir, resume, init, info)
+            return _finetune(cfg, typed, Path(study_list), run_dir, resume, init, info)
     finally:
         cleanup_distributed(info)
 
 
-def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any], study_list: Path, run_dir: Path,
+def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run_dir: Path,
               resume: bool, init: str | Path | None, info: DistInfo) -> dict[str, Any]:
-    seed = int(tcfg.get("seed", 0))
+    tcfg, abl = cfg.training, cfg.ablation
+    seed = tcfg.seed
     seed_everything(seed + info.rank)
-    organ = load_organ_config(cfg["organ"])
-    abl = ablation_switches(cfg)
+    organ = load_organ_config(cfg.organ)
     last = find_checkpoint(run_dir, "last") if resume else None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(run_dir, cfg)
+        save_resolved_config(run_dir, raw)  # as given: its hash guards --resume
         atomic_write_text(run_dir / ORGAN_FILE, yaml.safe_dump(organ.to_dict(), sort_keys=False))
 
     # ---- data
@@ -155,14 +151,14 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     if not train or not val:
         raise StudyListError(f"{study_list}: fine-tuning needs labelled {organ.name} studies in both the train "
                              f"and the val split (got {len(train)} train, {len(val)} val)")
-    dcfg = dict(cfg.get("data") or {})
-    if dcfg.get("labels_per_class") is not None:  # label-efficiency runs: a few labelled studies per class
-        train = labelled_subset(train, int(dcfg["labels_per_class"]), seed)
-    cache_root = Path(dcfg.get("cache_dir") or default_cache_root(study_list))
+    dcfg = cfg.data
+    if dcfg.labels_per_class is not None:  # label-efficiency runs: a few labelled studies per class
+        train = labelled_subset(train, dcfg.labels_per_class, seed)
+    cache_root = Path(dcfg.cache_dir or default_cache_root(study_list))
     preflight_studies(train + val, default_cache_root(study_list) / "preflight.json")  # bad files fail now
-    pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.get("cache_dir") else cache_root)
+    pcache = PreprocessCache(cache_root / "preprocess" if not dcfg.cache_dir else cache_root)
     augment = None
-    acfg = dcfg.get("augment")
+    acfg = dcfg.augment
     if acfg and acfg.get("enabled", True):
         from medmap.data.augment import build_augmentation
 
@@ -173,9 +169,9 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
 
     # ---- frozen text bank, embedded once (rank 0 first, the others read the cache / file)
     bank = None
-    if abl["text"]:
+    if abl.text:
         if info.is_main and last is None:
-            tcache = run_text_cache(cfg, cache_root / "text")
+            tcache = run_text_cache(cfg.text, cache_root / "text")
             built = build_text_bank(organ, tcache)
             save_text_bank(built, run_dir, text_model=tcache.model_id)
         barrier(info)
@@ -184,7 +180,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     # ---- model
     model = build_medmap_classifier(organ, cfg, int(bank.modality_emb.shape[1]) if bank is not None else None)
     init_report: dict[str, Any] = {"init": None}
-    if abl["pretrained"] and init is not None and last is None:
+    if abl.pretrained and init is not None and last is None:
         weights = resolve_init_checkpoint(init)
         _check_init_arch(cfg, weights)
         rep = load_encoders_from_pretrain(model, weights)
@@ -192,7 +188,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
                        "unexpected": len(rep.unexpected), "summary": rep.summary()}
         if info.is_main:
             print(f"encoders initialised from {weights}: {rep.summary()}")
-    elif abl["pretrained"] and init is None and last is None and info.is_main:
+    elif abl.pretrained and init is None and last is None and info.is_main:
         print("note: no --init stage-1 run given; encoders start from random initialisation")
     model = model.to(info.device)
     pretrained = init_report["init"] is not None
@@ -202,30 +198,25 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
 
     # ---- loss, optimiser, schedule
     cw = None
-    if (cfg.get("loss") or {}).get("class_weights") == "balanced":
+    if cfg.loss.class_weights == "balanced":
         cw = class_weights_from_labels(train_labels, organ.num_classes)
     loss_fn = build_medmap_loss(cfg, organ.num_classes, class_weights=cw).to(info.device)
-    lr = float(tcfg.get("lr", 3e-4))
-    groups = model.parameter_groups(lr, float(tcfg.get("weight_decay", 0.05)),
-                                    float(tcfg.get("encoder_lr_scale", 1.0)) if pretrained else 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(tcfg.get("betas", (0.9, 0.999))))
-    batch_size = int(tcfg.get("batch_size", 2))
+    groups = model.parameter_groups(tcfg.lr, tcfg.weight_decay, tcfg.encoder_lr_scale if pretrained else 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
+    batch_size = tcfg.batch_size
     sampler = OrganBatchSampler([organ.name] * len(train), batch_size, info.world_size, info.rank, seed)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train)} training studies are too few for one batch on each of {info.world_size} ranks")
-    epochs = int(tcfg.get("epochs", 10))
-    total_steps = int(tcfg.get("steps") or epochs * steps_per_epoch)
-    scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch),
-                                       total_steps, float(tcfg.get("min_lr_ratio", 0.0)))
-    plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
-                    grad_clip=float(tcfg.get("grad_clip", 0) or 0),
-                    validate_every_epochs=max(1, int(tcfg.get("val_every", 1))),
-                    ckpt_every_steps=int(tcfg.get("ckpt_every_steps", 0) or 0),
-                    ckpt_every_epochs=max(1, int(tcfg.get("ckpt_every", 1))),
-                    select_metric=str(tcfg.get("select_metric", "balanced_accuracy")))
-    loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, info,
-                        progress=bool(rcfg.get("progress", True)), desc=f"finetune {organ.name}")
+    total_steps = tcfg.steps or tcfg.epochs * steps_per_epoch
+    scheduler = warmup_cosine_schedule(optimizer, int(tcfg.warmup_epochs * steps_per_epoch), total_steps,
+                                       tcfg.min_lr_ratio)
+    plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
+                    log_every=max(1, cfg.run.log_every), validate_every_epochs=max(1, tcfg.val_every),
+                    ckpt_every_steps=tcfg.ckpt_every_steps,
+                    ckpt_every_epochs=max(1, tcfg.ckpt_every), select_metric=tcfg.select_metric)
+    loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress,
+                        desc=f"finetune {organ.name}")
     logger = loop.start(last)
     if last is None and info.is_main:
         atomic_write_json(run_dir / RUN_INFO_FILE, {
@@ -237,7 +228,7 @@ def _finetune(cfg: Mapping[str, Any], tcfg: dict[str, Any], rcfg: dict[str, Any]
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None, find_unused_parameters=True)
-    num_workers = int(rcfg.get("num_workers", 0))
+    num_workers = cfg.run.num_workers
 
     def step_fn(batch: dict[str, Any]) -> StepResult:
         with loop.autocast():

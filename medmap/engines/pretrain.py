@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from medmap.config import OrganConfig, load_organ_config
-from medmap.config_check import check_run_config
 from medmap.data.cache import PreprocessCache, default_cache_root
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.sampler import OrganBatchSampler
@@ -56,6 +55,7 @@ from medmap.evaluation.retrieval import retrieval_metrics
 from medmap.losses.contrastive import build_contrastive_loss
 from medmap.models.pretrain import MedMAPPretrainModel, build_pretrain_model
 from medmap.precision import autocast_context
+from medmap.run_config import PretrainConfig, pretrain_config
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import TextBank, TextTable, build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -93,18 +93,19 @@ def study_texts(studies: Sequence[Study]) -> list[str]:
     return [s.findings[m] for s in studies for m in s.modalities if s.findings.get(m)]
 
 
-def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo) -> PretrainData:
+def prepare_data(cfg: Mapping[str, Any] | PretrainConfig, study_list: str | Path, info: DistInfo) -> PretrainData:
     """Read and split the studies and embed all texts (rank 0 first, others from the cache)."""
     from medmap.data.split import patient_splits
 
-    dcfg = cfg["data"]
-    organs = {o.name: o for o in (load_organ_config(x) for x in dcfg["organs"])}
+    cfg = pretrain_config(cfg)
+    dcfg = cfg.data
+    organs = {o.name: o for o in (load_organ_config(x) for x in dcfg.organs)}
     studies = [s for s in read_study_list(study_list) if s.organ in organs]
     if not studies:
         raise StudyListError(f"{study_list}: no studies of organs {', '.join(organs)}")
     studies = patient_splits(studies)
-    train = [s for s in studies if s.split == dcfg.get("train_split", "train")]
-    split = str(dcfg.get("eval_split", "val"))
+    train = [s for s in studies if s.split == dcfg.train_split]
+    split = dcfg.eval_split
     held_out = [s for s in studies if s.split == split]
     if not train:
         raise StudyListError(f"{study_list}: no studies in the training split")
@@ -116,8 +117,7 @@ def prepare_data(cfg: Mapping[str, Any], study_list: str | Path, info: DistInfo)
     tables: dict[str, Any] = {}
 
     def build() -> None:
-        progress = info.is_main and bool((cfg.get("run") or {}).get("progress", True))
-        cache = run_text_cache(cfg, default_text_dir, progress=progress)
+        cache = run_text_cache(cfg.text, default_text_dir, progress=info.is_main and cfg.run.progress)
         tables["table"] = TextTable(texts, cache)
         tables["banks"] = {n: build_text_bank(o, cache) for n, o in organs.items()}
 
@@ -200,6 +200,30 @@ def embed_held_out(
     return {"per_modality": merged, "labels": torch.cat(labels), "study_v": study_v}
 
 
+@torch.no_grad()
+def zero_shot_logits(
+    model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], device: torch.device
+) -> Tensor:
+    """Zero-shot class logits ``[N, C]`` of the studies embedded by :func:`embed_held_out`.
+
+    Per study: the mean over present modalities of ``exp(t_m) <g_m(z_m), h(prompt_c)>``, each
+    class embedding being the normalised mean of its projected prompts. Shared by
+    :func:`zero_shot_metrics` and :mod:`medmap.engines.zeroshot`.
+    """
+    c, p, d = bank.class_emb.shape
+    proj = model.encode_text(bank.class_emb.reshape(c * p, d).to(device)).float().cpu().reshape(c, p, -1)
+    mask = bank.class_mask.unsqueeze(-1).float()
+    cls = torch.nn.functional.normalize((proj * mask).sum(1), dim=-1)  # [C, k]
+    scale = model.logit_scale().detach().cpu()
+    mod_idx = torch.tensor([model.modality_index(m) for m in bank.modalities])
+    logits_all = []
+    for vs, present in study_v:
+        lg = torch.einsum("bmk,ck->bmc", vs, cls) * scale[mod_idx][None, :, None]
+        pm = present.unsqueeze(-1).float()
+        logits_all.append((lg * pm).sum(1) / pm.sum(1).clamp_min(1))
+    return torch.cat(logits_all) if logits_all else torch.zeros(0, c)
+
+
 def zero_shot_metrics(
     model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], labels: Tensor, device: torch.device
 ) -> dict[str, Any]:
@@ -209,19 +233,8 @@ def zero_shot_metrics(
     """
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    with torch.no_grad():
-        c, p, d = bank.class_emb.shape
-        proj = model.encode_text(bank.class_emb.reshape(c * p, d).to(device)).float().cpu().reshape(c, p, -1)
-        mask = bank.class_mask.unsqueeze(-1).float()
-        cls = torch.nn.functional.normalize((proj * mask).sum(1), dim=-1)  # [C, k]
-        scale = model.logit_scale().detach().cpu()
-        mod_idx = torch.tensor([model.modality_index(m) for m in bank.modalities])
-        logits_all = []
-        for vs, present in study_v:
-            lg = torch.einsum("bmk,ck->bmc", vs, cls) * scale[mod_idx][None, :, None]
-            pm = present.unsqueeze(-1).float()
-            logits_all.append((lg * pm).sum(1) / pm.sum(1).clamp_min(1))
-        logits = torch.cat(logits_all)
+    c = bank.class_emb.shape[0]
+    logits = zero_shot_logits(model, bank, study_v, device)
     keep = labels >= 0
     y = labels[keep].numpy()
     if len(y) == 0:
@@ -251,12 +264,12 @@ def zero_shot_metrics(
 
 
 def evaluate_pretraining(
-    model: MedMAPPretrainModel, data: PretrainData, cfg: Mapping[str, Any], device: torch.device, cache: PreprocessCache | None
+    model: MedMAPPretrainModel, data: PretrainData, cfg: Mapping[str, Any] | PretrainConfig, device: torch.device,
+    cache: PreprocessCache | None
 ) -> dict[str, Any]:
     """Retrieval per modality and zero-shot classification per organ on the held-out split."""
-    ecfg = cfg.get("eval") or {}
-    ks = [int(k) for k in ecfg.get("ks", [1, 5, 10])]
-    precision = str(cfg["training"].get("precision", "auto"))
+    cfg = pretrain_config(cfg)
+    ks, precision = cfg.eval.ks, cfg.training.precision
     was_training = model.training
     model.eval()
     result: dict[str, Any] = {"split": data.held_out_split, "retrieval": {}, "zero_shot": {}}
@@ -265,7 +278,7 @@ def evaluate_pretraining(
         if not studies:
             continue
         ds = StudyDataset(studies, organ, cache=cache)
-        emb = embed_held_out(model, ds, data.table, device, precision, int(ecfg.get("batch_size", 4)))
+        emb = embed_held_out(model, ds, data.table, device, precision, cfg.eval.batch_size)
         for m, d in emb["per_modality"].items():
             if "v" in d and len(d["v"]) >= 2:
                 result["retrieval"][m] = {"organ": name, **retrieval_metrics(d["v"], d["t"], d["ids"], ks)}
@@ -325,55 +338,49 @@ def run_pretraining(
         run_dir: run folder (created; with ``resume`` it must hold a checkpoint or be new).
         resume: continue from ``RUN_DIR/checkpoints/last`` if present.
     """
-    check_run_config(cfg, "pretrain")  # misspelt keys and wrong types fail before anything is written
+    raw, cfg = cfg, pretrain_config(cfg)  # misspelt keys and wrong types fail before anything is written
     run_dir = Path(run_dir)
-    tcfg = cfg["training"]
-    rcfg = cfg.get("run") or {}
-    configure_threads(rcfg.get("threads"))
-    info = setup_distributed(str(rcfg.get("device", "auto")))
+    tcfg = cfg.training
+    configure_threads(cfg.run.threads)
+    info = setup_distributed(cfg.run.device)
     guard = contextlib.ExitStack()
     try:
         guard.enter_context(claim_run_dir(run_dir, resume, info))  # every rank checks, so none waits for the others
-        seed = int(tcfg["seed"])
+        seed = tcfg.seed
         seed_everything(seed + info.rank)
         last = find_checkpoint(run_dir, "last") if resume else None
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_config(run_dir, cfg)
+            save_resolved_config(run_dir, raw)  # as given: its hash guards --resume
         data = prepare_data(cfg, study_list, info)
-        pcache_dir = (cfg["data"].get("cache_dir") or default_cache_root(study_list) / "preprocess")
-        pcache = PreprocessCache(pcache_dir)
+        pcache = PreprocessCache(cfg.data.cache_dir or default_cache_root(study_list) / "preprocess")
         augment = None
-        acfg = cfg["data"].get("augment")
+        acfg = cfg.data.augment
         if acfg and acfg.get("enabled", True):
             from medmap.data.augment import build_augmentation
 
             augment = build_augmentation(acfg, seed=derive_seed(seed, 7919, info.rank))
         train_ds, organ_of = _organ_datasets(data.train, data.organs, pcache, augment)
-        sampler = OrganBatchSampler(organ_of, int(tcfg["batch_size"]), info.world_size, info.rank, seed)
+        sampler = OrganBatchSampler(organ_of, tcfg.batch_size, info.world_size, info.rank, seed)
         steps_per_epoch = sampler.steps_per_epoch()
         if steps_per_epoch == 0:
             raise ConfigError("not enough training studies for one batch on every rank")
-        total_steps = int(tcfg.get("steps") or int(tcfg["epochs"]) * steps_per_epoch)
+        total_steps = tcfg.steps or tcfg.epochs * steps_per_epoch
 
         model = build_pretrain_model(cfg, data.organs, text_dim=data.table.embeddings.shape[1]).to(info.device)
         loss_fn = build_contrastive_loss(cfg, model)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(tcfg.get("weight_decay", 0.05))}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(tcfg["lr"]),
-            betas=tuple(tcfg.get("betas", (0.9, 0.98))),
+            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tcfg.lr,
+            betas=tuple(tcfg.betas),
         )
-        scheduler = warmup_cosine_schedule(
-            optimizer, int(tcfg.get("warmup_steps", 0)), total_steps, float(tcfg.get("min_lr_ratio", 0.0))
-        )
-        eval_every = int((cfg.get("eval") or {}).get("every_steps", 0) or 0)
-        plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
-                        grad_clip=float(tcfg.get("grad_clip", 0) or 0), log_every=max(1, int(rcfg.get("log_every", 1))),
-                        validate_every_steps=eval_every, ckpt_every_steps=int(tcfg.get("ckpt_every_steps", 0) or 0),
-                        select_metric="mean_v2t_R@5")
-        loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, info, progress=bool(rcfg.get("progress", True)))
+        scheduler = warmup_cosine_schedule(optimizer, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio)
+        plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
+                        log_every=max(1, cfg.run.log_every), validate_every_steps=cfg.eval.every_steps,
+                        ckpt_every_steps=tcfg.ckpt_every_steps, select_metric="mean_v2t_R@5")
+        loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress)
         logger = loop.start(last)
         train_model: nn.Module = model
         if info.distributed:
@@ -403,7 +410,7 @@ def run_pretraining(
                               {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k})
 
         t0 = time.time()
-        num_workers = int(rcfg.get("num_workers", 0))
+        num_workers = cfg.run.num_workers
         loop.run(lambda epoch, skip: iter(DataLoader(train_ds, batch_sampler=sampler.rank_batches(epoch, skip),
                                                      collate_fn=collate_studies, num_workers=num_workers)),
                  step_fn, validate, augment, sampler)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from medmap.config import OrganConfig, load_organ_config
 from medmap.data.studylist import Study
 from medmap.errors import ConfigError, StudyListError
+from medmap.run_config import CNNBaselineConfig, parse_run_config
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
@@ -352,13 +353,14 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     from medmap.losses.finetune import class_weights_from_labels
     from medmap.utils import pick_device, seed_everything
 
+    typed: CNNBaselineConfig = parse_run_config(cfg, "cnn_baseline")
     run_dir = Path(run_dir)
-    organ = load_organ_config(cfg["organ"])
-    tcfg = dict(cfg.get("training") or {})
-    seed = int(tcfg.get("seed", 0))
+    organ = load_organ_config(typed.organ)
+    tcfg = typed.training
+    seed = tcfg.seed
     seed_everything(seed)
-    device = pick_device(str((cfg.get("run") or {}).get("device", "auto")))
-    splits = labelled_splits(study_list, organ, seed, (cfg.get("data") or {}).get("labels_per_class"))
+    device = pick_device(typed.run.device)
+    splits = labelled_splits(study_list, organ, seed, typed.data.labels_per_class)
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
     preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
@@ -366,30 +368,26 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     save_resolved_config(run_dir, cfg)
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")
     augment = None
-    acfg = (cfg.get("data") or {}).get("augment")
+    acfg = typed.data.augment
     if acfg and acfg.get("enabled", True):
         from medmap.data.augment import build_augmentation
 
         augment = build_augmentation(acfg, seed=seed)
     train_ds = StudyDataset(splits["train"], organ, cache=pcache, augment=augment)
     eval_ds = {k: StudyDataset(splits[k], organ, cache=pcache) for k in ("val", "test")}
-    bs = int(tcfg.get("batch_size", 2))
+    bs = tcfg.batch_size
     eval_loader = {k: DataLoader(d, batch_size=bs, shuffle=False, collate_fn=collate_studies) for k, d in eval_ds.items()}
 
-    model = StackedModalityCNN(cfg.get("net") or {"name": "DenseNet121"}, len(organ.modalities), organ.num_classes).to(device)
+    model = StackedModalityCNN(typed.net, len(organ.modalities), organ.num_classes).to(device)
     labels = np.array([train_ds.label_index(s) for s in splits["train"]])
     loss_fn = nn.CrossEntropyLoss(weight=class_weights_from_labels(labels, organ.num_classes).float().to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(tcfg.get("lr", 1e-3)),
-                                  weight_decay=float(tcfg.get("weight_decay", 0.01)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sampler = OrganBatchSampler([organ.name] * len(train_ds), bs, 1, 0, seed)
     steps_per_epoch = sampler.steps_per_epoch()
-    epochs = int(tcfg.get("epochs", 10))
-    total = epochs * steps_per_epoch
-    scheduler = warmup_cosine_schedule(optimizer, int(float(tcfg.get("warmup_epochs", 0)) * steps_per_epoch), total,
-                                       float(tcfg.get("min_lr_ratio", 0.0)))
-    plan = LoopPlan(total, steps_per_epoch, seed, precision=str(tcfg.get("precision", "auto")),
-                    grad_clip=float(tcfg.get("grad_clip", 1.0) or 0), validate_every_epochs=1, ckpt_every_epochs=1,
-                    select_metric=str(tcfg.get("select_metric", "balanced_accuracy")))
+    total = tcfg.epochs * steps_per_epoch
+    scheduler = warmup_cosine_schedule(optimizer, int(tcfg.warmup_epochs * steps_per_epoch), total, tcfg.min_lr_ratio)
+    plan = LoopPlan(total, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
+                    validate_every_epochs=1, ckpt_every_epochs=1, select_metric=tcfg.select_metric)
     loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, DistInfo(device=device), tensorboard=False)
     logger = loop.start(find_checkpoint(run_dir, "last"))
 

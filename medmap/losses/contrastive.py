@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmap.errors import ConfigError
+from medmap.run_config import PretrainConfig, pretrain_config
 
 if TYPE_CHECKING:
     from medmap.models.pretrain import MedMAPPretrainModel
@@ -176,17 +177,17 @@ class AsymmetricContrastiveLoss(nn.Module):
         return total
 
 
-def build_contrastive_loss(cfg: Mapping[str, Any], model: "MedMAPPretrainModel") -> AsymmetricContrastiveLoss:
+def build_contrastive_loss(cfg: Mapping[str, Any] | PretrainConfig, model: "MedMAPPretrainModel") -> AsymmetricContrastiveLoss:
     """The stage-1 loss of a run config (``loss.*``) for ``model``'s modalities."""
-    lcfg = cfg.get("loss") or {}
+    lcfg = pretrain_config(cfg).loss
     weights = {}
-    for name, w in (lcfg.get("modality_weights") or {}).items():
+    for name, w in lcfg.modality_weights.items():
         if name not in model.modalities:
             raise ConfigError(f"loss.modality_weights: unknown modality '{name}'")
-        weights[model.modality_index(name)] = float(w)
+        weights[model.modality_index(name)] = w
     return AsymmetricContrastiveLoss(
-        alpha=float(lcfg.get("alpha", 0.75)),
+        alpha=lcfg.alpha,
         modality_weights=weights,
-        normalize_weights=bool(lcfg.get("normalize_weights", True)),
-        min_group_size=int(lcfg.get("min_group_size", 2)),
+        normalize_weights=lcfg.normalize_weights,
+        min_group_size=lcfg.min_group_size,
     )

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmap.errors import ConfigError
+from medmap.run_config import FinetuneConfig, finetune_config
 
 KL_DETACH_MODES = ("none", "cls", "sim")
 
@@ -144,7 +145,7 @@ class MedMAPLoss(nn.Module):
         return total, parts
 
 
-def build_medmap_loss(cfg: Mapping[str, Any], num_classes: int,
+def build_medmap_loss(cfg: Mapping[str, Any] | FinetuneConfig, num_classes: int,
                       class_weights: Sequence[float] | Tensor | None = None) -> MedMAPLoss:
     """Build :class:`MedMAPLoss` from a run config's ``loss`` and ``ablation`` sections.
 
@@ -153,25 +154,19 @@ def build_medmap_loss(cfg: Mapping[str, Any], num_classes: int,
     :func:`class_weights_from_labels` on the training labels and passes ``class_weights``.
     ``ablation.kl: false`` sets ``lambda_kl = 0``; ``ablation.text: false`` leaves only ``L_sup``.
     """
-    loss_cfg = dict(cfg.get("loss") or {})
-    abl = dict(cfg.get("ablation") or {})
-    known = {"sup", "gamma", "class_weights", "lambda_sim", "lambda_kl", "kl_detach", "label_smoothing"}
-    extra = set(loss_cfg) - known
-    if extra:
-        raise ConfigError(f"unknown keys in the 'loss' section: {sorted(extra)}")
-    cw_cfg = loss_cfg.get("class_weights")
-    if class_weights is None and isinstance(cw_cfg, (list, tuple)):
-        class_weights = [float(x) for x in cw_cfg]
-    elif class_weights is None and cw_cfg not in (None, "balanced", "none"):
-        raise ConfigError(f"loss.class_weights must be null, 'balanced' or a list, got {cw_cfg!r}")
-    lambda_kl = float(loss_cfg.get("lambda_kl", 0.5)) if abl.get("kl", True) else 0.0
+    typed = finetune_config(cfg)
+    lcfg = typed.loss
+    if class_weights is None and isinstance(lcfg.class_weights, list):
+        class_weights = list(lcfg.class_weights)
+    elif class_weights is None and lcfg.class_weights not in (None, "balanced", "none"):
+        raise ConfigError(f"loss.class_weights must be null, 'balanced' or a list, got {lcfg.class_weights!r}")
     return MedMAPLoss(
         num_classes,
-        sup=str(loss_cfg.get("sup", "focal")),
-        gamma=float(loss_cfg.get("gamma", 2.0)),
+        sup=lcfg.sup,
+        gamma=lcfg.gamma,
         class_weights=class_weights,
-        lambda_sim=float(loss_cfg.get("lambda_sim", 1.0)),
-        lambda_kl=lambda_kl,
-        kl_detach=str(loss_cfg.get("kl_detach", "none")),
-        label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)),
+        lambda_sim=lcfg.lambda_sim,
+        lambda_kl=lcfg.lambda_kl if typed.ablation.kl else 0.0,
+        kl_detach=lcfg.kl_detach,
+        label_smoothing=lcfg.label_smoothing,
     )

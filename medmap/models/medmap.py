@@ -44,6 +44,7 @@ from medmap.models.cct import POOLINGS, CrossCognitionTransformer
 from medmap.models.csa import CrossModalSemanticAggregation
 from medmap.models.exchange import CrossSequenceExchange
 from medmap.models.positions import GridPositionEmbedding
+from medmap.run_config import FinetuneConfig, finetune_config
 
 PREDICTION_MODES = ("avg", "cls", "sim")
 TOKEN_FUSIONS = ("sequence", "location")
@@ -116,26 +117,17 @@ class MedMAPModelConfig:
             raise ConfigError(f"model.tau_init must lie in [1, tau_max={self.tau_max}], got {self.tau_init}")
 
     @classmethod
-    def from_run_config(cls, cfg: Mapping[str, Any]) -> "MedMAPModelConfig":
+    def from_run_config(cls, cfg: Mapping[str, Any] | FinetuneConfig) -> "MedMAPModelConfig":
         """Read the ``model`` and ``ablation`` sections of a fine-tuning run config."""
-        model = dict(cfg.get("model") or {})
-        abl = ablation_switches(cfg)
-        csa = dict(model.pop("csa", None) or {})
-        cct = dict(model.pop("cct", None) or {})
-        known = {"num_heads", "mlp_ratio", "dropout", "pooling", "prediction", "tau_init", "tau_max", "token_positions",
-                 "token_fusion", "sequence_exchange"}
-        extra = set(model) - known
-        if extra:
-            raise ConfigError(f"unknown keys in the 'model' section: {sorted(extra)}")
+        typed = finetune_config(cfg)
+        model, abl = typed.model, typed.ablation
         return cls(
-            **{k: model[k] for k in known if k in model},
-            use_csa=abl["csa"],
-            csa_conv_blocks=int(csa.get("conv_blocks", 1)),
-            csa_transformer_blocks=int(csa.get("transformer_blocks", 1)),
-            use_cct=abl["cct"],
-            cct_layers=int(cct.get("layers", 2)),
-            cct_self_attention=bool(cct.get("self_attention", False)),
-            use_text=abl["text"],
+            num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, dropout=model.dropout,
+            use_csa=abl.csa, csa_conv_blocks=model.csa.conv_blocks, csa_transformer_blocks=model.csa.transformer_blocks,
+            use_cct=abl.cct, cct_layers=model.cct.layers, cct_self_attention=model.cct.self_attention,
+            pooling=model.pooling, use_text=abl.text, prediction=model.prediction,
+            tau_init=model.tau_init, tau_max=model.tau_max, token_positions=model.token_positions,
+            token_fusion=model.token_fusion, sequence_exchange=model.sequence_exchange,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -474,7 +466,8 @@ def combine_head_probabilities(logits_cls: Tensor, logits_sim: Tensor | None, mo
     return p_sim if mode == "sim" else 0.5 * (p_cls + p_sim)
 
 
-def build_medmap_classifier(organ: OrganConfig, cfg: Mapping[str, Any], text_dim: int | None) -> MedMAPClassifier:
+def build_medmap_classifier(organ: OrganConfig, cfg: Mapping[str, Any] | FinetuneConfig,
+                            text_dim: int | None) -> MedMAPClassifier:
     """Build the stage-2 model from a fine-tuning run config (``encoder``, ``model``, ``ablation``).
 
     ``ablation.modality_aware: false`` builds one shared encoder for all modalities;
@@ -482,34 +475,24 @@ def build_medmap_classifier(organ: OrganConfig, cfg: Mapping[str, Any], text_dim
     """
     from medmap.models.encoders import build_encoders  # noqa: PLC0415 - keeps import light for tests
 
-    enc_cfg = dict(cfg.get("encoder") or {})
-    if "arch" not in enc_cfg:
+    typed = finetune_config(cfg)
+    if typed.encoder.arch is None:
         raise ConfigError("fine-tuning config: 'encoder.arch' is required (a name from configs/encoders/)")
-    shared = not ablation_switches(cfg)["modality_aware"]
     roi = tuple(int(s) for s in organ.roi_size)
-    encoders = build_encoders(enc_cfg["arch"], {mod: roi for mod in organ.modalities}, shared=shared)
-    model_cfg = MedMAPModelConfig.from_run_config(cfg)
+    encoders = build_encoders(typed.encoder.arch, {mod: roi for mod in organ.modalities},
+                              shared=not typed.ablation.modality_aware)
+    model_cfg = MedMAPModelConfig.from_run_config(typed)
     return MedMAPClassifier(organ, encoders, text_dim if model_cfg.use_text else None, model_cfg)
 
 
-ABLATION_SWITCHES = ("pretrained", "modality_aware", "csa", "cct", "kl", "text")
-
-
-def ablation_switches(cfg: Mapping[str, Any]) -> dict[str, bool]:
+def ablation_switches(cfg: Mapping[str, Any] | FinetuneConfig) -> dict[str, bool]:
     """The run config's ``ablation`` section with defaults (every component on), validated.
 
     Example:
         >>> ablation_switches({"ablation": {"cct": False}})["cct"], ablation_switches({})["pretrained"]
         (False, True)
     """
-    abl = dict(cfg.get("ablation") or {})
-    unknown = set(abl) - set(ABLATION_SWITCHES)
-    if unknown:
-        raise ConfigError(f"unknown ablation switches {sorted(unknown)}; known: {list(ABLATION_SWITCHES)}")
-    bad = [k for k, v in abl.items() if not isinstance(v, bool)]
-    if bad:
-        raise ConfigError(f"ablation switches must be true or false: {bad}")
-    return {k: bool(abl.get(k, True)) for k in ABLATION_SWITCHES}
+    return asdict(finetune_config(cfg).ablation)
 
 
 @dataclass

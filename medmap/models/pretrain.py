@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from medmap.config import OrganConfig
 from medmap.errors import ConfigError
 from medmap.models.encoders import build_encoders
+from medmap.run_config import PretrainConfig, pretrain_config
 
 
 def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
@@ -141,18 +142,16 @@ class MedMAPPretrainModel(nn.Module):
         }
 
 
-def is_modality_aware(cfg: Mapping[str, Any]) -> bool:
+def is_modality_aware(cfg: Mapping[str, Any] | PretrainConfig) -> bool:
     """``ablation.modality_aware`` of a stage-1 config, the switch stage 2 has under the same
     name (run folders saved before it moved there have it as ``encoder.modality_aware``)."""
-    ablation = cfg.get("ablation") or {}
-    if "modality_aware" in ablation:
-        return bool(ablation["modality_aware"])
-    return bool((cfg.get("encoder") or {}).get("modality_aware", True))
+    return pretrain_config(cfg).ablation.modality_aware
 
 
-def build_pretrain_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfig], text_dim: int) -> MedMAPPretrainModel:
+def build_pretrain_model(cfg: Mapping[str, Any] | PretrainConfig, organs: Mapping[str, OrganConfig],
+                         text_dim: int) -> MedMAPPretrainModel:
     """The stage-1 model for all modalities of the configured organs."""
-    enc, mcfg = cfg["encoder"], cfg.get("model") or {}
+    typed = pretrain_config(cfg)
     modalities: list[str] = []
     roi: dict[str, tuple[int, ...]] = {}
     for o in organs.values():
@@ -162,15 +161,16 @@ def build_pretrain_model(cfg: Mapping[str, Any], organs: Mapping[str, OrganConfi
             if m not in roi:
                 modalities.append(m)
                 roi[m] = tuple(o.roi_size)
+    proj = typed.model
     return MedMAPPretrainModel(
         modalities,
         roi,
-        arch=enc["arch"],
+        arch=typed.encoder.arch,
         text_dim=text_dim,
-        embed_dim=int(mcfg.get("embed_dim", 128)),
-        shared_encoder=not is_modality_aware(cfg),
-        vision_proj=str(mcfg.get("vision_proj", "linear")),
-        text_proj=str(mcfg.get("text_proj", "mlp")),
-        init_logit_scale=float(mcfg.get("init_logit_scale", 1 / 0.07)),
-        max_logit_scale=float(mcfg.get("max_logit_scale", 100.0)),
+        embed_dim=proj.embed_dim,
+        shared_encoder=not typed.ablation.modality_aware,
+        vision_proj=proj.vision_proj,
+        text_proj=proj.text_proj,
+        init_logit_scale=proj.init_logit_scale,
+        max_logit_scale=proj.max_logit_scale,
     )

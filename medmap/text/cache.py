@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from medmap.run_config import TextSection
 from medmap.text.encoder import FrozenTextEncoder
 from medmap.utils import atomic_write_bytes, sha256_text
 
@@ -150,12 +151,10 @@ class TextEmbeddingCache:
                 bar.update(len(chunk))
 
 
-def run_text_cache(cfg: Mapping[str, Any], default_dir: Path, progress: bool = False) -> TextEmbeddingCache:
-    """The text cache of a run; the encoder itself is only built if a text is missing.
+def run_text_cache(text: TextSection, default_dir: Path, progress: bool = False) -> TextEmbeddingCache:
+    """The text cache of a run's ``text`` section; the encoder itself is only built if a text is missing.
 
     ``progress`` shows a bar while texts missing from the cache are embedded.
     """
-    tcfg = cfg.get("text") or {}
-    cache_dir = Path(tcfg.get("cache_dir") or default_dir)
-    probe = FrozenTextEncoder(tcfg.get("model"))  # cheap: reads configs only, loads no weights
-    return TextEmbeddingCache(cache_dir, probe, model_id=probe.model_id, progress=progress)
+    probe = FrozenTextEncoder(text.model)  # cheap: reads configs only, loads no weights
+    return TextEmbeddingCache(Path(text.cache_dir or default_dir), probe, model_id=probe.model_id, progress=progress)

@@ -145,7 +145,7 @@ def test_torchrun_finetune_writes_only_from_rank_zero(tmp_path: Path) -> None:
            str(records), "finetune", "--data", str(data), "--config", "tiny", "--organ", str(data.parent / "brain_tiny.yaml"),
            "--out", str(out), "--set", "training.epochs=1", "--set", "run.progress=false", "--set", "run.device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     rank0, rank1 = (json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -164,6 +164,6 @@ def test_torchrun_finetune_writes_only_from_rank_zero(tmp_path: Path) -> None:
 
     # the same command again without --resume: every rank refuses at once (none waits at a barrier)
     t0 = time.time()
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert again.returncode != 0 and "already holds a run" in again.stdout + again.stderr
     assert time.time() - t0 < 90

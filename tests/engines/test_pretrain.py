@@ -80,11 +80,12 @@ def text_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A text cache already holding every text of ``data`` (so subprocesses never load the encoder)."""
     from medmap.data.studylist import read_study_list
     from medmap.engines.pretrain import study_texts
+    from medmap.run_config import TextSection
     from medmap.text.cache import run_text_cache
     from medmap.text.prompts import TextTable, build_text_bank
 
     root = tmp_path_factory.mktemp("text")
-    cache = run_text_cache({"text": {"cache_dir": str(root)}}, root)
+    cache = run_text_cache(TextSection(cache_dir=str(root)), root)
     TextTable(study_texts(read_study_list(data)), cache)
     build_text_bank(data.parent / "brain_tiny.yaml", cache)
     return root

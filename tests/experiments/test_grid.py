@@ -174,7 +174,7 @@ def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Pat
 
 @pytest.mark.parametrize("row, match", [
     ({"name": "x", "kind": "svm"}, "kind must be one of"),
-    ({"name": "x", "kind": "medmap", "ablation": {"no_such_switch": False}}, "unknown ablation switches"),
+    ({"name": "x", "kind": "medmap", "ablation": {"no_such_switch": False}}, "unknown config key 'ablation.no_such_switch'"),
     ({"name": "x", "kind": "drop_modality", "source": "intensity"}, "must name a medmap row"),
     ({"name": "full", "kind": "medmap"}, "two rows are named"),
 ])

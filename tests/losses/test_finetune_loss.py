@@ -78,7 +78,7 @@ def test_build_from_config_and_errors():
     cfg = {"loss": {"sup": "ce", "class_weights": [1.0, 2.0], "lambda_kl": 0.2}, "ablation": {"kl": False}}
     loss_fn = build_medmap_loss(cfg, 2)
     assert loss_fn.lambda_kl == 0.0 and loss_fn.class_weights.tolist() == [1.0, 2.0]
-    with pytest.raises(ConfigError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown config key 'loss.lamda_kl'; valid keys in 'loss': "):
         build_medmap_loss({"loss": {"lamda_kl": 1.0}}, 2)
     with pytest.raises(ConfigError, match="sup"):
         MedMAPLoss(2, sup="hinge")

@@ -101,119 +101,147 @@ def draw_appearance(rng: np.random.Generator, cls: str, difficulty: float = 1.0)
         "t2_target": False,
         "dwi_target": False,
     }
-    if cls == "cyst":
-        t2 = uniform(rng, 2.8, 4.0)
-        t1 = uniform(rng, 0.25, 0.45)
-        if rng.random() < 0.12 * difficulty:  # proteinaceous/haemorrhagic content
-            t2, t1 = uniform(rng, 1.5, 2.2), uniform(rng, 0.8, 1.2)
-            a["complicated_content"] = True
-        dwi = uniform(rng, 1.1, 1.5) if rng.random() < 0.3 else uniform(rng, 0.45, 0.9)
-        a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.02, irregularity=0.02,
-                 enh={p: (0.0, 0.0) for p in CONTRAST})
-    elif cls == "hemangioma":
-        t2 = uniform(rng, 2.2, 3.2)
-        t1 = uniform(rng, 0.45, 0.65)
-        dwi = uniform(rng, 0.9, 1.5)
-        u = rng.random()
-        if u < 0.15 * difficulty:  # flash-filling: homogeneous arterial enhancement
-            a["pattern"] = "flash"
-            enh = {"arterial": (1.3, 1.3), "venous": (1.2, 1.2), "delay": (0.9, 0.9)}
-        elif u < 0.25 * difficulty:  # slow fill-in, large central area stays dark
-            a["pattern"] = "slow"
-            a["puddles"] = True
-            a["fill"] = {"arterial": 0.25, "venous": uniform(rng, 0.3, 0.5), "delay": uniform(rng, 0.5, 0.7)}
-            enh = {"arterial": (0.02, 2.0), "venous": (0.05, 1.3), "delay": (0.05, 1.0)}
-        else:
-            a["pattern"] = "nodular"
-            a["puddles"] = True
-            fv = uniform(rng, 0.5, 0.85)
-            a["fill"] = {"arterial": 0.25, "venous": fv, "delay": min(1.0, fv + uniform(rng, 0.15, 0.4))}
-            enh = {"arterial": (0.02, 2.0), "venous": (0.05, 1.3), "delay": (0.05, 1.0)}
-        a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.035, irregularity=0.12, enh=enh)
-    elif cls == "hcc":
-        t2 = uniform(rng, 1.2, 1.6)
-        dwi = uniform(rng, 1.5, 2.3) if rng.random() < 0.8 else uniform(rng, 1.05, 1.3)
-        t1 = uniform(rng, 0.7, 1.05)
-        aphe = rng.random() < 1 - 0.8 * p_atyp
-        wash = rng.random() < 1 - p_atyp
-        art = uniform(rng, 0.9, 1.3) if aphe else uniform(rng, 0.15, 0.35)
-        ven = uniform(rng, 0.25, 0.45) if wash else uniform(rng, 0.6, 0.75)
-        dly = uniform(rng, 0.2, 0.4) if wash else uniform(rng, 0.45, 0.6)
-        a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.04, irregularity=0.08,
-                 enh={"arterial": (art, art), "venous": (ven, ven), "delay": (dly, dly)},
-                 arterial_hyperenhancement=bool(aphe), washout=bool(wash),
-                 capsule=bool(rng.random() < 0.6), texture=0.15 if rng.random() < 0.4 else 0.05)
-        if rng.random() < 0.3:
-            a["fat_fraction"] = uniform(rng, 0.12, 0.3)
-    elif cls == "icc":
-        target_t2 = rng.random() < 0.5
-        target_dwi = rng.random() < 0.6
-        rim = rng.random() < 1 - p_atyp
-        delayed = rng.random() < 1 - p_atyp
-        t2o = uniform(rng, 1.4, 1.8)
-        dwio = uniform(rng, 1.6, 2.2)
-        a.update(
-            t2=(uniform(rng, 1.0, 1.25) if target_t2 else t2o, t2o),
-            dwi=(uniform(rng, 1.0, 1.3) if target_dwi else dwio, dwio),
-            t1=(uniform(rng, 0.6, 0.8),) * 2,
-            enh={
-                "arterial": (0.05, uniform(rng, 0.5, 0.8)) if rim else (uniform(rng, 0.2, 0.4),) * 2,
-                "venous": (uniform(rng, 0.35, 0.55), uniform(rng, 0.6, 0.8)),
-                "delay": (uniform(rng, 0.95, 1.25), uniform(rng, 0.6, 0.8)) if delayed else (uniform(rng, 0.4, 0.55),) * 2,
-            },
-            t2_target=bool(target_t2), dwi_target=bool(target_dwi), rim_enhancement=bool(rim),
-            delayed_central_enhancement=bool(delayed), edge=0.08, irregularity=0.25, texture=0.08,
-            capsular_retraction=bool(rng.random() < 0.35), bile_duct_dilatation=bool(rng.random() < 0.45),
-        )
-    elif cls == "metastasis":
-        target_t2 = rng.random() < 0.5
-        target_dwi = rng.random() < 0.6
-        u = rng.random()
-        rim = u < 0.65
-        hypervascular = (not rim) and u < 0.65 + 0.15 * difficulty
-        t2o = uniform(rng, 1.2, 1.5)
-        dwio = uniform(rng, 1.6, 2.3)
-        if rim:
-            art = (0.05, uniform(rng, 0.6, 0.9))
-        elif hypervascular:
-            art = (uniform(rng, 0.7, 0.9),) * 2
-        else:
-            art = (uniform(rng, 0.05, 0.2),) * 2
-        a.update(
-            t2=(uniform(rng, 1.7, 2.3) if target_t2 else t2o, t2o),
-            dwi=(uniform(rng, 1.0, 1.4) if target_dwi else dwio, dwio),
-            t1=(uniform(rng, 0.55, 0.8),) * 2,
-            enh={"arterial": art, "venous": (0.2, uniform(rng, 0.5, 0.7)), "delay": (0.25, uniform(rng, 0.2, 0.5))},
-            t2_target=bool(target_t2), dwi_target=bool(target_dwi), rim_enhancement=bool(rim),
-            hypervascular=bool(hypervascular), edge=0.05, irregularity=0.1,
-        )
-    elif cls == "fnh":
-        aphe = rng.random() < 1 - 0.4 * p_atyp
-        scar = rng.random() < 0.55
-        t2 = uniform(rng, 1.05, 1.2) if rng.random() < 0.5 else uniform(rng, 0.95, 1.05)
-        t1 = uniform(rng, 0.88, 1.02)
-        a.update(
-            t2=(t2, t2), dwi=(uniform(rng, 1.0, 1.35),) * 2, t1=(t1, t1),
-            enh={"arterial": (uniform(rng, 1.2, 1.6) if aphe else uniform(rng, 0.5, 0.7),) * 2,
-                 "venous": (uniform(rng, 0.65, 0.8),) * 2, "delay": (uniform(rng, 0.5, 0.62),) * 2},
-            arterial_hyperenhancement=bool(aphe), central_scar=bool(scar), edge=0.035, irregularity=0.12,
-        )
-    elif cls == "abscess":
-        rim = rng.random() < 0.9
-        a.update(
-            core=uniform(rng, 0.6, 0.8),
-            t2=(uniform(rng, 2.5, 3.4), uniform(rng, 1.3, 1.6)),
-            dwi=(uniform(rng, 2.5, 3.5), uniform(rng, 1.2, 1.5)),
-            t1=(uniform(rng, 0.35, 0.5), uniform(rng, 0.7, 0.85)),
-            enh={"arterial": (0.0, uniform(rng, 0.8, 1.1) if rim else 0.3), "venous": (0.0, uniform(rng, 0.8, 1.0)),
-                 "delay": (0.0, uniform(rng, 0.7, 0.9))},
-            rim_enhancement=bool(rim), septa=bool(rng.random() < 0.5),
-            perilesional_enhancement=bool(rng.random() < 0.6), perilesional_oedema=bool(rng.random() < 0.5),
-            edge=0.06, irregularity=0.15,
-        )
-    else:
-        raise ValueError(f"unknown liver class '{cls}'")
+    try:
+        draw = _CLASS_DRAWERS[cls]
+    except KeyError:
+        raise ValueError(f"unknown liver class '{cls}'") from None
+    draw(rng, a, difficulty, p_atyp)
     return a
+
+
+def _draw_cyst(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """Simple cysts: very bright on T2, dark on T1, no enhancement; a few proteinaceous."""
+    t2 = uniform(rng, 2.8, 4.0)
+    t1 = uniform(rng, 0.25, 0.45)
+    if rng.random() < 0.12 * difficulty:  # proteinaceous/haemorrhagic content
+        t2, t1 = uniform(rng, 1.5, 2.2), uniform(rng, 0.8, 1.2)
+        a["complicated_content"] = True
+    dwi = uniform(rng, 1.1, 1.5) if rng.random() < 0.3 else uniform(rng, 0.45, 0.9)
+    a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.02, irregularity=0.02,
+             enh={p: (0.0, 0.0) for p in CONTRAST})
+
+
+def _draw_hemangioma(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """Haemangiomas: bright on T2; peripheral nodular fill-in (or flash filling, or slow fill)."""
+    t2 = uniform(rng, 2.2, 3.2)
+    t1 = uniform(rng, 0.45, 0.65)
+    dwi = uniform(rng, 0.9, 1.5)
+    u = rng.random()
+    if u < 0.15 * difficulty:  # flash-filling: homogeneous arterial enhancement
+        a["pattern"] = "flash"
+        enh = {"arterial": (1.3, 1.3), "venous": (1.2, 1.2), "delay": (0.9, 0.9)}
+    elif u < 0.25 * difficulty:  # slow fill-in, large central area stays dark
+        a["pattern"] = "slow"
+        a["puddles"] = True
+        a["fill"] = {"arterial": 0.25, "venous": uniform(rng, 0.3, 0.5), "delay": uniform(rng, 0.5, 0.7)}
+        enh = {"arterial": (0.02, 2.0), "venous": (0.05, 1.3), "delay": (0.05, 1.0)}
+    else:
+        a["pattern"] = "nodular"
+        a["puddles"] = True
+        fv = uniform(rng, 0.5, 0.85)
+        a["fill"] = {"arterial": 0.25, "venous": fv, "delay": min(1.0, fv + uniform(rng, 0.15, 0.4))}
+        enh = {"arterial": (0.02, 2.0), "venous": (0.05, 1.3), "delay": (0.05, 1.0)}
+    a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.035, irregularity=0.12, enh=enh)
+
+
+def _draw_hcc(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """HCC: arterial hyperenhancement and washout (each absent in atypical cases), capsule, some fat."""
+    t2 = uniform(rng, 1.2, 1.6)
+    dwi = uniform(rng, 1.5, 2.3) if rng.random() < 0.8 else uniform(rng, 1.05, 1.3)
+    t1 = uniform(rng, 0.7, 1.05)
+    aphe = rng.random() < 1 - 0.8 * p_atyp
+    wash = rng.random() < 1 - p_atyp
+    art = uniform(rng, 0.9, 1.3) if aphe else uniform(rng, 0.15, 0.35)
+    ven = uniform(rng, 0.25, 0.45) if wash else uniform(rng, 0.6, 0.75)
+    dly = uniform(rng, 0.2, 0.4) if wash else uniform(rng, 0.45, 0.6)
+    a.update(t2=(t2, t2), dwi=(dwi, dwi), t1=(t1, t1), edge=0.04, irregularity=0.08,
+             enh={"arterial": (art, art), "venous": (ven, ven), "delay": (dly, dly)},
+             arterial_hyperenhancement=bool(aphe), washout=bool(wash),
+             capsule=bool(rng.random() < 0.6), texture=0.15 if rng.random() < 0.4 else 0.05)
+    if rng.random() < 0.3:
+        a["fat_fraction"] = uniform(rng, 0.12, 0.3)
+
+
+def _draw_icc(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """Cholangiocarcinoma: target signs, rim enhancement, delayed central enhancement, retraction."""
+    target_t2 = rng.random() < 0.5
+    target_dwi = rng.random() < 0.6
+    rim = rng.random() < 1 - p_atyp
+    delayed = rng.random() < 1 - p_atyp
+    t2o = uniform(rng, 1.4, 1.8)
+    dwio = uniform(rng, 1.6, 2.2)
+    a.update(
+        t2=(uniform(rng, 1.0, 1.25) if target_t2 else t2o, t2o),
+        dwi=(uniform(rng, 1.0, 1.3) if target_dwi else dwio, dwio),
+        t1=(uniform(rng, 0.6, 0.8),) * 2,
+        enh={
+            "arterial": (0.05, uniform(rng, 0.5, 0.8)) if rim else (uniform(rng, 0.2, 0.4),) * 2,
+            "venous": (uniform(rng, 0.35, 0.55), uniform(rng, 0.6, 0.8)),
+            "delay": (uniform(rng, 0.95, 1.25), uniform(rng, 0.6, 0.8)) if delayed else (uniform(rng, 0.4, 0.55),) * 2,
+        },
+        t2_target=bool(target_t2), dwi_target=bool(target_dwi), rim_enhancement=bool(rim),
+        delayed_central_enhancement=bool(delayed), edge=0.08, irregularity=0.25, texture=0.08,
+        capsular_retraction=bool(rng.random() < 0.35), bile_duct_dilatation=bool(rng.random() < 0.45),
+    )
+
+
+def _draw_metastasis(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """Metastases: target signs, rim (or hypervascular, or hypovascular) enhancement."""
+    target_t2 = rng.random() < 0.5
+    target_dwi = rng.random() < 0.6
+    u = rng.random()
+    rim = u < 0.65
+    hypervascular = (not rim) and u < 0.65 + 0.15 * difficulty
+    t2o = uniform(rng, 1.2, 1.5)
+    dwio = uniform(rng, 1.6, 2.3)
+    if rim:
+        art = (0.05, uniform(rng, 0.6, 0.9))
+    elif hypervascular:
+        art = (uniform(rng, 0.7, 0.9),) * 2
+    else:
+        art = (uniform(rng, 0.05, 0.2),) * 2
+    a.update(
+        t2=(uniform(rng, 1.7, 2.3) if target_t2 else t2o, t2o),
+        dwi=(uniform(rng, 1.0, 1.4) if target_dwi else dwio, dwio),
+        t1=(uniform(rng, 0.55, 0.8),) * 2,
+        enh={"arterial": art, "venous": (0.2, uniform(rng, 0.5, 0.7)), "delay": (0.25, uniform(rng, 0.2, 0.5))},
+        t2_target=bool(target_t2), dwi_target=bool(target_dwi), rim_enhancement=bool(rim),
+        hypervascular=bool(hypervascular), edge=0.05, irregularity=0.1,
+    )
+
+
+def _draw_fnh(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """FNH: near-liver signal, strong homogeneous arterial enhancement, central scar."""
+    aphe = rng.random() < 1 - 0.4 * p_atyp
+    scar = rng.random() < 0.55
+    t2 = uniform(rng, 1.05, 1.2) if rng.random() < 0.5 else uniform(rng, 0.95, 1.05)
+    t1 = uniform(rng, 0.88, 1.02)
+    a.update(
+        t2=(t2, t2), dwi=(uniform(rng, 1.0, 1.35),) * 2, t1=(t1, t1),
+        enh={"arterial": (uniform(rng, 1.2, 1.6) if aphe else uniform(rng, 0.5, 0.7),) * 2,
+             "venous": (uniform(rng, 0.65, 0.8),) * 2, "delay": (uniform(rng, 0.5, 0.62),) * 2},
+        arterial_hyperenhancement=bool(aphe), central_scar=bool(scar), edge=0.035, irregularity=0.12,
+    )
+
+
+def _draw_abscess(rng: np.random.Generator, a: dict[str, Any], difficulty: float, p_atyp: float) -> None:
+    """Abscesses: fluid centre with restricted diffusion, enhancing rim, septa, oedema."""
+    rim = rng.random() < 0.9
+    a.update(
+        core=uniform(rng, 0.6, 0.8),
+        t2=(uniform(rng, 2.5, 3.4), uniform(rng, 1.3, 1.6)),
+        dwi=(uniform(rng, 2.5, 3.5), uniform(rng, 1.2, 1.5)),
+        t1=(uniform(rng, 0.35, 0.5), uniform(rng, 0.7, 0.85)),
+        enh={"arterial": (0.0, uniform(rng, 0.8, 1.1) if rim else 0.3), "venous": (0.0, uniform(rng, 0.8, 1.0)),
+             "delay": (0.0, uniform(rng, 0.7, 0.9))},
+        rim_enhancement=bool(rim), septa=bool(rng.random() < 0.5),
+        perilesional_enhancement=bool(rng.random() < 0.6), perilesional_oedema=bool(rng.random() < 0.5),
+        edge=0.06, irregularity=0.15,
+    )
+
+
+#: One drawer per class: each adds the class's signal ratios, enhancement and features to ``a``.
+_CLASS_DRAWERS = {"cyst": _draw_cyst, "hemangioma": _draw_hemangioma, "hcc": _draw_hcc, "icc": _draw_icc, "metastasis": _draw_metastasis, "fnh": _draw_fnh, "abscess": _draw_abscess}
 
 
 def couinaud_segment(p: np.ndarray, lm: dict[str, float]) -> str:
