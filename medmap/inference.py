@@ -34,6 +34,7 @@ from medmap.data.studylist import LesionBox, Study
 from medmap.errors import CheckpointError, StudyListError, VolumeError
 from medmap.models.medmap import MedMAPClassifier, build_medmap_classifier
 from medmap.precision import autocast_context
+from medmap.run_config import finetune_config
 from medmap.utils import atomic_write_bytes, atomic_write_json, pick_device
 
 TEXT_BANK_FILE = "text_bank.safetensors"
@@ -233,6 +234,11 @@ class Prediction:
     saliency_nifti: str | None = None
     saliency_png: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: with ``predict(..., keep_inputs=True)``: the model input (``images [M, X, Y, Z]``,
+    #: ``present [M]``, ``affine``) and the Grad-CAM map ``[X, Y, Z]`` (``None`` without saliency);
+    #: used by the HTML report, never written to the JSON
+    inputs: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    saliency: Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -278,8 +284,9 @@ class MedMAPPredictor:
                                   lesion_box=as_lesion_box(lesion_box))
 
     def predict(self, paths: Mapping[str, str | Path], study_id: str = "study", saliency_dir: str | Path | None = None,
-                roi_mask: str | Path | None = None, lesion_box: LesionBox | Mapping[str, Any] | None = None) -> Prediction:
-        """Predict one study given as modality -> NIfTI path.
+                roi_mask: str | Path | None = None, lesion_box: LesionBox | Mapping[str, Any] | None = None,
+                keep_inputs: bool = False) -> Prediction:
+        """Predict one study given as modality -> NIfTI path (or DICOM series folder).
 
         Args:
             paths: any non-empty subset of the organ's modalities.
@@ -291,19 +298,21 @@ class MedMAPPredictor:
                 :class:`~medmap.data.studylist.LesionBox` or its study-list form, e.g.
                 ``{"space": "world", "box": [x0, y0, z0, x1, y1, z1]}`` or
                 ``{"space": "voxel", "boxes": {"t2wi": [...], "arterial": [...]}}``.
+            keep_inputs: keep the preprocessed input and the saliency map in the returned
+                :class:`Prediction` (``inputs``, ``saliency``), e.g. to draw a report.
 
         Raises:
             VolumeError: a missing or unreadable file, an unknown modality, a bad volume or box.
         """
         for m, p in paths.items():
-            if not Path(p).is_file():
+            if not Path(p).exists():  # a file, or a DICOM series folder (checked when read)
                 raise VolumeError(f"{m}: file not found: {p}")
         t0 = time.perf_counter()
         sample = self.preprocess(paths, roi_mask=roi_mask, lesion_box=lesion_box)
         t1 = time.perf_counter()
         images = sample["images"][None].to(self.device)
         present = sample["present"][None].to(self.device)
-        sal_nii = sal_png = None
+        sal_nii = sal_png = combined = None
         # the probabilities come from one code path, with or without a saliency map, so that every
         # route (command line, API, evaluation) gives the same answer on the same machine
         with torch.no_grad(), autocast_context(self.precision, self.device):
@@ -327,6 +336,8 @@ class MedMAPPredictor:
             model_seconds=t2 - t1,
             saliency_nifti=sal_nii,
             saliency_png=sal_png,
+            inputs=sample if keep_inputs else None,
+            saliency=combined if keep_inputs else None,
         )
 
     def predict_study(self, study: Study, saliency_dir: str | Path | None = None) -> Prediction:
@@ -360,30 +371,36 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto", pre
     """Load a fine-tuning run folder for prediction.
 
     Args:
-        run_dir: folder written by ``medmap finetune``.
-        which: ``best`` (selected on the validation split), ``last`` or ``auto``.
+        run_dir: folder written by ``medmap finetune``, or by ``medmap export`` (:mod:`medmap.export`).
+        which: ``best`` (selected on the validation split), ``last`` or ``auto``; an exported
+            folder holds one set of weights and ignores it.
         device: ``auto``, ``cpu``, ``cuda``, ...
         precision: ``auto|fp32|bf16``; default: the run's training precision.
         cache_dir: optional preprocessing cache for repeated predictions.
 
     Raises:
-        CheckpointError: the folder is not a complete fine-tuning run.
+        CheckpointError: the folder is not a complete fine-tuning run, or an exported folder
+            fails its manifest check (newer format, SHA-256 mismatch).
     """
+    from medmap.export import is_export, verify_export
+
     run_dir = Path(run_dir)
+    exported = is_export(run_dir)
+    if exported:
+        verify_export(run_dir)  # format version, SHA-256 of the files; another medmap/torch version warns
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / ORGAN_FILE).is_file():
         raise CheckpointError(f"{run_dir} is not a fine-tuning run folder (needs {CONFIG_FILE} and {ORGAN_FILE})")
-    cfg = load_yaml(run_dir / CONFIG_FILE)
+    cfg = finetune_config(load_yaml(run_dir / CONFIG_FILE))
     organ = OrganConfig.from_dict(load_yaml(run_dir / ORGAN_FILE))
-    use_text = bool((cfg.get("ablation") or {}).get("text", True))
-    bank = load_text_bank(run_dir) if use_text else None
+    bank = load_text_bank(run_dir) if cfg.ablation.text else None
     model = build_medmap_classifier(organ, cfg, int(bank.modality_emb.shape[1]) if bank is not None else None)
-    ckpt = _checkpoint_dir(run_dir, which)
+    ckpt = run_dir if exported else _checkpoint_dir(run_dir, which)
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True, device="cpu")
     except Exception as e:
         raise CheckpointError(f"weights in {ckpt} do not fit the model described by {run_dir / CONFIG_FILE}: {e}") from e
     dev = pick_device(device)
-    prec = precision or str((cfg.get("training") or {}).get("precision", "auto"))
+    prec = precision or cfg.training.precision
     cache = PreprocessCache(cache_dir) if cache_dir is not None else None
     return MedMAPPredictor(model, organ, bank, dev, prec, run_dir, cache)
 

@@ -7,6 +7,7 @@ Example::
     medmap predict runs/liver_roi t2wi=s/t2wi.nii.gz --roi-mask s/liver_mask.nii.gz   # crop: roi_mask runs
     medmap predict runs/liver t2wi=s/t2wi.nii.gz arterial=s/art.nii.gz --lesion-box 40,52,20,51,63,26   # lesion level
     medmap predict runs/liver t2wi=... arterial=... --lesion-box t2wi=40,52,20,51,63,26 --lesion-box arterial=38,50,21,49,61,27
+    medmap predict runs/brain t1=sub/t1.nii.gz --html     # also a self-contained HTML page to read
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probabilities, and write a Grad-CAM saliency map (NIfTI + PNG overlay through its peak).",
     )
     p.add_argument("run_dir", type=Path, help="fine-tuning run folder")
-    p.add_argument("volumes", nargs="*", metavar="MODALITY=PATH", help="the study's volumes, e.g. t1=t1.nii.gz")
+    p.add_argument("volumes", nargs="*", metavar="MODALITY=PATH",
+                   help="the study's volumes, e.g. t1=t1.nii.gz; PATH may also be a folder holding one DICOM series")
     p.add_argument("--study", type=Path, default=None,
                    help="JSON file with one study (as one study-list line; relative paths resolve against its folder)")
     p.add_argument("--study-id", default=None)
@@ -42,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="coordinates of --lesion-box: voxel indices of each file (default) or world RAS millimetres")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
     p.add_argument("--no-saliency", action="store_true", help="skip the Grad-CAM saliency map")
+    p.add_argument("--html", action="store_true",
+                   help="also write STUDY_report.html: one self-contained page (images inline, no network) with "
+                   "the class probabilities, the sequences used and missing, and each sequence's input slices "
+                   "with the saliency overlay and the lesion box")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
@@ -118,8 +124,23 @@ def run(args: argparse.Namespace) -> int:
     lesion_box = parse_lesion_box(args.lesion_box, args.box_space) or lesion_box
     predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device)
     pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out,
-                             roi_mask=roi_mask, lesion_box=lesion_box)
+                             roi_mask=roi_mask, lesion_box=lesion_box, keep_inputs=args.html)
+    if args.html:
+        from medmap.evaluation.html_report import write_report
+
+        page = write_report(pred, predictor.organ, args.out / f"{study_id}_report.html", paths=paths,
+                            lesion_box=lesion_box, run_dir=args.run_dir.resolve(),
+                            checkpoint=_checkpoint_label(args.run_dir, args.checkpoint))
+        pred.extra["report_html"] = str(page)
     out_json = write_prediction(pred, args.out / f"{study_id}_prediction.json")
     print(json.dumps(pred.to_json(), indent=1))
     print(f"prediction written to {out_json}")
+    if args.html:
+        print(f"report written to {pred.extra['report_html']}")
     return 0
+
+
+def _checkpoint_label(run_dir: Path, which: str) -> str:
+    """``which`` and its weights file, when the run folder has the usual layout."""
+    weights = run_dir / "checkpoints" / which / "model.safetensors"
+    return f"{which} ({weights.resolve()})" if weights.is_file() else which

@@ -5,7 +5,9 @@ signature (organ modalities, spacing, ROI size, normalisation parameters and
 ``PREPROCESSING_VERSION``), so editing a file or a config makes a new key; stale entries are
 simply never read again. File hashes are memoised per ``(path, size, mtime_ns)`` in memory
 and in ``<root>/file-hashes/``, so a warm epoch, even in a fresh data-loader worker, costs
-one ``stat`` per file plus one read of a small safetensors file.
+one ``stat`` per file plus one read of a small safetensors file. A DICOM series folder
+(:mod:`medmap.data.dicom`) is keyed by the names and contents of its files, memoised per
+folder by the names, sizes and mtimes of its files (:func:`series_content_hash`).
 
 Entries are safetensors files (no pickle) holding ``images`` as float16 (lossless: the
 preprocessing output is rounded to float16 precision), ``present`` and ``affine``, with a
@@ -35,11 +37,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from medmap.data.dicom import folder_files, series_stat_key
 from medmap.utils import atomic_write_bytes, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+_HASH_MEMO: dict[tuple[str, ...] | tuple[str, int, int], str] = {}
 _HASH_LOCK = threading.Lock()
 
 
@@ -51,7 +54,30 @@ def file_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
     """
     p = Path(path).resolve()
     st = p.stat()
-    memo_key = (str(p), st.st_size, st.st_mtime_ns)
+    return _memoised((str(p), st.st_size, st.st_mtime_ns), memo_dir, lambda: sha256_file(p))
+
+
+def series_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a DICOM series folder: the names and contents of its files (hidden files aside).
+
+    Memoised like :func:`file_content_hash`, per ``(absolute path, names, sizes and mtimes of
+    the files)``, so a warm call costs one ``stat`` per file.
+    """
+    folder = Path(path).resolve()
+    return _memoised((str(folder), "dicom", series_stat_key(folder)), memo_dir,
+                     lambda: stable_hash({"dicom_series": {f.name: sha256_file(f) for f in folder_files(folder)}}))
+
+
+def volume_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
+    """:func:`file_content_hash` of a file, :func:`series_content_hash` of a DICOM series folder."""
+    if Path(path).is_dir():
+        return series_content_hash(path, memo_dir)
+    return file_content_hash(path, memo_dir)
+
+
+def _memoised(memo_key: tuple[str, ...] | tuple[str, int, int], memo_dir: Path | None,
+              compute: Callable[[], str]) -> str:
+    """The digest memoised under ``memo_key`` (in memory and in ``memo_dir``), else ``compute()``."""
     with _HASH_LOCK:
         cached = _HASH_MEMO.get(memo_key)
     if cached is not None:
@@ -66,7 +92,7 @@ def file_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
                 cached = text
         except OSError:
             pass
-    digest = cached or sha256_file(p)
+    digest = cached or compute()
     if memo_file is not None and cached is None:
         atomic_write_bytes(memo_file, digest.encode())
     with _HASH_LOCK:
@@ -117,7 +143,7 @@ class PreprocessCache:
 
     def key(self, files: Mapping[str, Path], config: Mapping[str, Any]) -> str:
         """The cache key of one study: hash of (modality -> file content hash, config)."""
-        contents = {m: file_content_hash(p, self.root / "file-hashes") for m, p in sorted(files.items())}
+        contents = {m: volume_content_hash(p, self.root / "file-hashes") for m, p in sorted(files.items())}
         return stable_hash({"files": contents, "config": dict(config)})
 
     def path_for(self, key: str) -> Path:

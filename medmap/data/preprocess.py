@@ -1,11 +1,13 @@
-"""THE preprocessing function: one study's NIfTI volumes -> model-ready tensors.
+"""THE preprocessing function: one study's volumes (NIfTI or DICOM) -> model-ready tensors.
 
 Training, evaluation and prediction all call :func:`preprocess_study` /
 :func:`preprocess_volumes`, so a case gives the same tensor every time. Built on MONAI
 dictionary transforms, applied per modality with the modality names as keys:
 
-1. load with nibabel through :func:`medmap.data.validate.check_volume` (same checks and
-   messages as ``medmap validate``) and require one voxel grid for all modalities;
+1. load through :func:`medmap.data.validate.check_volume` (same checks and messages as
+   ``medmap validate``): a NIfTI file with nibabel, or a folder holding one DICOM series with
+   SimpleITK (:mod:`medmap.data.dicom`, RAS affine as for NIfTI); require one voxel grid for
+   all modalities;
 2. channel first (``EnsureChannelFirstd``), orientation to RAS (``Orientationd``);
 3. resampling to the organ's spacing (``Spacingd``, trilinear);
 4. a *joint* foreground mask over the present modalities (each modality thresholded at 5%
@@ -307,7 +309,8 @@ def preprocess_volumes(
     """Preprocess the volumes of one study, given as modality -> NIfTI path (prediction entry).
 
     Args:
-        paths: modality name -> file; any subset of the organ's modalities.
+        paths: modality name -> NIfTI file or DICOM series folder; any subset of the organ's
+            modalities.
         organ: organ config, or a built-in name / YAML path.
         cache: optional :class:`~medmap.data.cache.PreprocessCache`.
         roi_mask: the study's region-of-interest mask (NIfTI on the volumes' grid); required

@@ -19,6 +19,7 @@ study, in the voxel indices of each modality's file or in world (RAS) millimetre
     "lesion_box": {"space": "voxel", "boxes": {"t2wi": [x0, y0, z0, x1, y1, z1], "dwi": [...]}}
     "lesion_box": {"space": "world", "box": [x0, y0, z0, x1, y1, z1]}
 
+A modality's path may also be a folder holding one DICOM series (:mod:`medmap.data.dicom`).
 Voxel boxes are inclusive index ranges along the file's array axes (``x1`` is the last
 voxel inside the box, as in LLD-MMRI's annotation file); world boxes are corner
 coordinates in mm. Organ configs with ``crop: lesion_box`` cut each modality around its own
@@ -134,7 +135,8 @@ class Study:
         study_id: unique id of the study within its list.
         patient_id: decides splits; a patient never appears in two splits.
         organ: task name, matching an organ config (``brain``, ``liver``, ...).
-        modalities: modality name -> absolute path of a 3D NIfTI file.
+        modalities: modality name -> absolute path of a 3D NIfTI file, or of a folder
+            holding one DICOM series (:mod:`medmap.data.dicom`).
         findings: modality name -> findings text describing that sequence.
         impression: overall impression text.
         label: class name for the organ's task, or ``None`` when unlabelled.

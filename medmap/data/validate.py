@@ -2,8 +2,9 @@
 
 Two reusable pieces live here:
 
-* :func:`check_volume` opens one NIfTI file and raises :class:`~medmap.errors.VolumeError`
-  with a specific message when it cannot be used. Preprocessing (and so training,
+* :func:`check_volume` opens one NIfTI file, or one folder holding a DICOM series
+  (:mod:`medmap.data.dicom`), and raises :class:`~medmap.errors.VolumeError` with a specific
+  message when it cannot be used. Preprocessing (and so training,
   evaluation and prediction) calls the same function, so bad input gives the same clear
   error everywhere.
 * :func:`check_same_grid` enforces the co-registration rule for the modalities of one
@@ -37,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from medmap.config import OrganConfig, load_organ_config
+from medmap.data.dicom import read_dicom_series, series_stat_key
 from medmap.errors import ConfigError, StudyListError, VolumeError
 from medmap.data.lesion import check_box
 from medmap.data.studylist import Study, iter_study_lines
@@ -80,6 +82,10 @@ def _squeeze_to_3d(shape: tuple[int, ...]) -> tuple[int, ...]:
 DEFAULT_MAX_VOXELS = 1 << 28
 
 
+def _max_voxels() -> int:
+    return int(os.environ.get("MEDMAP_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+
+
 def _gzip_size(path: Path, need: int) -> int:
     """Decompressed size of a .gz file, from its trailer when that agrees with ``need``
     (a whole single-member file), otherwise by streaming it (memory stays small)."""
@@ -106,7 +112,7 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
     """Header checks made before any voxel is read: size limit, file size, voxel sizes."""
     hdr = img.header
     n_vox = int(np.prod([int(d) for d in img.shape], dtype=np.int64))
-    limit = int(os.environ.get("MEDMAP_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+    limit = _max_voxels()
     if n_vox > limit:
         raise VolumeError(f"{path}: the header claims {tuple(int(d) for d in img.shape)} = {n_vox:,} voxels, more than "
                           f"the limit of {limit:,} (set MEDMAP_MAX_VOXELS to raise it); refusing to read it")
@@ -138,8 +144,23 @@ def _file_key(path: Path) -> Path:
         return path
 
 
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """The lazily loaded NIfTI image of a file, after the header checks."""
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many kinds for unreadable headers
+        raise VolumeError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolumeError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+    _check_header(path, img)
+    return img
+
+
 def check_volume_header(path: str | Path) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
     """The checks of :func:`check_volume` that read the header only (cheap; no voxel is read).
+
+    A DICOM series folder has no single header: it is checked and read completely
+    (:func:`medmap.data.dicom.read_dicom_series`), and the image returned holds its voxels.
 
     Returns:
         The (lazily loaded) image, its 3D shape and its affine.
@@ -152,15 +173,12 @@ def check_volume_header(path: str | Path) -> tuple[nib.Nifti1Image, tuple[int, i
         raise VolumeError(f"{path}: a symlink loop (it never reaches a file)")
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
-    if not path.is_file():
+    if path.is_dir():
+        img = read_dicom_series(path, max_voxels=_max_voxels())
+    elif not path.is_file():
         raise VolumeError(f"{path}: not a file")
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises many kinds for unreadable headers
-        raise VolumeError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from e
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise VolumeError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
-    _check_header(path, img)
+    else:
+        img = _load_nifti(path)
     shape = _squeeze_to_3d(img.shape)
     if len(shape) != 3:
         raise VolumeError(f"{path}: not a 3D volume (shape {tuple(img.shape)}); give one 3D volume per modality")
@@ -180,15 +198,16 @@ def check_volume_header(path: str | Path) -> tuple[nib.Nifti1Image, tuple[int, i
 
 
 def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Image:
-    """Open a NIfTI volume and check that it can be used as one MRI sequence.
+    """Open a NIfTI volume (or a DICOM series folder) and check that it can be used as one MRI sequence.
 
-    Checks, in order: the file exists; nibabel can read it as NIfTI; it is 3D (trailing
+    Checks, in order: the file exists; nibabel can read it as NIfTI (a folder: it holds one
+    regular DICOM series, :func:`medmap.data.dicom.read_dicom_series`); it is 3D (trailing
     singleton dimensions are dropped) with at least 2 voxels along each axis; the affine is
     finite and not singular; the voxel data can be read completely (catches truncated and
     corrupt files); no voxel is NaN or infinite; the volume is not constant.
 
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
+        path: a ``.nii`` or ``.nii.gz`` file, or a folder holding one DICOM series.
         allow_constant: skip the last check (for masks, see :func:`check_roi_mask`).
 
     Returns:
@@ -219,13 +238,22 @@ def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Im
     return out
 
 
+def _memo_key(path: Path) -> str:
+    """What :func:`preflight_studies` remembers a checked file (or DICOM folder) by."""
+    if path.is_dir():
+        return f"{_file_key(path)}:dicom:{series_stat_key(path)}"
+    st = path.stat()
+    return f"{_file_key(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def preflight_studies(studies: Sequence[Study], memo: str | Path | None = None) -> None:
     """Check every file of ``studies`` before a run's first step: headers only, memoised.
 
     The header checks of :func:`check_volume` (existence, NIfTI, 3D, size limit, voxel grid)
     for every modality and ROI mask, so a bad validation or test file stops a run at once
     rather than after an epoch. Files that passed are remembered in ``memo`` (a JSON file,
-    by path, size and modification time), so later runs skip them.
+    by path, size and modification time; a DICOM folder by the names, sizes and modification
+    times of its files), so later runs skip them. A DICOM folder is read completely.
 
     Raises:
         VolumeError: one line naming the first bad file, the study and how many are bad.
@@ -245,8 +273,7 @@ def preflight_studies(studies: Sequence[Study], memo: str | Path | None = None) 
             files.append(("roi_mask", Path(study.roi_mask)))
         for name, f in files:
             try:
-                st = f.stat()
-                key = f"{_file_key(f)}:{st.st_size}:{st.st_mtime_ns}"
+                key = _memo_key(f)
             except (OSError, RuntimeError):
                 key = None
             if key is not None and seen.get(key):

@@ -1,0 +1,55 @@
+"""``medmap zeroshot``: classify studies with a stage-1 run from class prompts, no fine-tuning.
+
+Example::
+
+    medmap zeroshot runs/pretrain --data data/studies.jsonl --organ liver              # test split
+    medmap zeroshot runs/pretrain --data data/studies.jsonl --organ brain --split val --out zs/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "zeroshot",
+        help="zero-shot classification with a stage-1 run (metrics.json, report.md, plots)",
+        description="Score each study against the organ's class prompts with a pre-trained (stage-1) model, "
+        "without fine-tuning, and write the same metrics, bootstrap 95%% CIs, report, plots and "
+        "predictions.csv as 'medmap evaluate'.",
+    )
+    p.add_argument("run_dir", type=Path, help="stage-1 (pre-training) run folder")
+    p.add_argument("--data", required=True, type=Path, help="study list (JSON Lines)")
+    p.add_argument("--organ", required=True, help="organ (task) name the run was pre-trained on, e.g. liver")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--checkpoint", default="auto", choices=["auto", "best", "last"],
+                   help="auto: checkpoints/best, else checkpoints/last")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default RUN_DIR/metrics/zeroshot_<organ>_<split>)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmap.engines.zeroshot import zero_shot_classify
+
+    m = zero_shot_classify(args.run_dir, args.data, args.organ, split=args.split, which=args.checkpoint,
+                           n_bootstrap=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, device=args.device)
+    ci = m.get("ci", {})
+
+    def fmt(k: str) -> str:
+        v = m.get(k)
+        if v is None:
+            return f"{k}: n/a"
+        lo_hi = ci.get(k)
+        return f"{k}: {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
+
+    print(f"{args.run_dir} zero-shot, {args.organ} on {args.split} (n={m['n']}):")
+    for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece"):
+        print("  " + fmt(k))
+    print(f"report: {Path(m['output_dir']) / 'report.md'}")
+    return 0
