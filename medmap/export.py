@@ -247,7 +247,9 @@ def model_card(organ: OrganConfig, cfg: Mapping[str, Any], manifest: Mapping[str
         "",
         f"- MRI sequences (modalities): {', '.join(f'`{m}`' for m in organ.modalities)}; any subset of at least "
         f"{organ.min_modalities} may be given, missing ones are masked.",
-        "- Files: one co-registered 3D NIfTI volume per sequence.",
+        "- Files: one 3D volume per sequence, a NIfTI file or a DICOM series folder"
+        + (" (each sequence on its own grid, cut around its own box)." if organ.lesion_level
+           else ", all sequences co-registered on one grid."),
         f"- Preprocessing (the same function as in training): crop `{organ.crop}`, model input "
         f"{' x '.join(str(s) for s in organ.roi_size)} voxels"
         + (f" at {' x '.join(f'{s:g}' for s in organ.spacing)} mm spacing" if not organ.lesion_level else "") + ".",
