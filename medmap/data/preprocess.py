@@ -9,7 +9,8 @@ dictionary transforms, applied per modality with the modality names as keys:
    SimpleITK (:mod:`medmap.data.dicom`, RAS affine as for NIfTI); require one voxel grid for
    all modalities;
 2. channel first (``EnsureChannelFirstd``), orientation to RAS (``Orientationd``);
-3. resampling to the organ's spacing (``Spacingd``, trilinear);
+3. resampling to the organ's spacing (``Spacingd``, trilinear; :class:`StridedSpacingd` computes the same
+   without copying the volume; steps 1-3 run per volume, the volumes in threads);
 4. a *joint* foreground mask over the present modalities (each modality thresholded at 5%
    of its robust intensity range, union, largest connected component, holes filled), and a
    crop to its bounding box plus a margin (``CropForegroundd``), so modalities stay aligned.
@@ -55,12 +56,15 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     ResizeWithPadOrCropd,
-    Spacingd,
+    Spacing,
 )
+from monai.networks.utils import to_norm_affine
+from monai.utils.enums import LazyAttr
 from scipy import ndimage
 
 from medmap.config import OrganConfig, load_organ_config
 from medmap.data.lesion import cut_lesion_patch, patch_box
+from medmap.data.loading import map_ordered
 from medmap.data.studylist import LesionBox, Study
 from medmap.data.validate import check_roi_mask, check_same_grid, check_volume
 from medmap.errors import StudyListError, VolumeError
@@ -69,7 +73,11 @@ if TYPE_CHECKING:
     from medmap.data.cache import PreprocessCache
 
 #: Bump whenever the output of preprocessing changes for the same input; invalidates caches.
-PREPROCESSING_VERSION = "2"
+#: 3: the output affine of whole-volume configs carries the crop's z offset (MONAI 1.6's stale
+#: spatial rank dropped it; the images are unchanged).
+PREPROCESSING_VERSION = "3"
+#: The same for the lesion-level path (``crop: lesion_box`` / ``patch``); unchanged by version 3.
+LESION_PREPROCESSING_VERSION = "2"
 #: Percentiles of the foreground voxels between which the z-score statistics are computed.
 CLIP_PERCENTILES = (0.5, 99.5)
 #: z-scores are clipped to +-Z_CLIP: far enough out that a small lesion keeps its contrast
@@ -100,12 +108,67 @@ def preprocessing_signature(organ: OrganConfig) -> dict[str, Any]:
         signature["crop"] = organ.crop
     if organ.zero_outside_roi:  # likewise
         signature["zero_outside_roi"] = True
-    if organ.lesion_level:
-        signature.update(margin_mm=[float(m) for m in organ.margin_mm], patch_norm=organ.patch_norm,
-                         lesion_version="1")
+    if organ.lesion_level:  # its own version: the whole-volume changes of version 3 left its output alone
+        signature.update(version=LESION_PREPROCESSING_VERSION, margin_mm=[float(m) for m in organ.margin_mm],
+                         patch_norm=organ.patch_norm, lesion_version="1")
         for key in ("spacing", "clip_percentiles", "foreground_fraction", "crop_margin"):
             signature.pop(key)
     return signature
+
+
+class StridedSpacingd(MapTransform):
+    """MONAI's ``Spacingd(pixdim, mode="bilinear", padding_mode="border", dtype=float32)``, the
+    same output bit for bit, without its copy of the whole input volume into C order.
+
+    MONAI computes the output grid (``Spacing`` in lazy mode: affine, shape, metadata) and
+    this class does the resampling MONAI's ``AffineTransform`` would do, the same
+    ``affine_grid`` and ``grid_sample`` calls, on the input as it lies in memory. A NIfTI
+    volume lies in Fortran order; MONAI's ``src.contiguous()`` transposes all of it (about
+    25 ms for a 1 mm brain volume) to then read 1 voxel in 64 of it at 4 mm. Inputs where the
+    shortcut does not apply (C order, another dtype, pending lazy operations, an unchanged
+    grid) go through ``Spacing`` itself.
+    """
+
+    def __init__(self, keys: list[str], pixdim: tuple[float, ...]) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.spacing = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border", dtype=np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resample(d[key])
+        return d
+
+    def _monai(self, img: Any) -> Any:
+        out = self.spacing(img)
+        if isinstance(out, MetaTensor):
+            # MONAI 1.6 leaves the MetaTensor's cached spatial rank at its default (2) here, and the crops
+            # after it then drop their z translation from the affine; setting the affine re-syncs it
+            out.affine = out.affine
+        return out
+
+    def resample(self, img: Any) -> Any:
+        if (not isinstance(img, MetaTensor) or img.ndim != 4 or img.dtype != torch.float32 or img.is_contiguous()
+                or img.pending_operations or img.device.type != "cpu"):
+            return self._monai(img)
+        pending = self.spacing(img, lazy=True)  # MONAI's grid: xform (output voxel -> input voxel) and shape
+        op = pending.pending_operations[-1]
+        size = [int(s) for s in op[LazyAttr.SHAPE]]
+        if size == [int(s) for s in img.shape[1:]]:  # MONAI may keep the input as it is: let it decide
+            return self._monai(img)
+        xform = torch.as_tensor(op[LazyAttr.AFFINE], dtype=torch.float64)
+        src = img.as_tensor()[None]  # [1, C, X, Y, Z], a view
+        # monai.networks.layers.AffineTransform(normalized=False, align_corners=False, reverse_indexing=True)
+        theta = to_norm_affine(affine=xform.to(src)[None].clone(), src_size=tuple(src.shape[2:]),
+                               dst_size=tuple(size), align_corners=False, zero_centered=False)
+        rev = torch.as_tensor([2, 1, 0])
+        theta[:, :3] = theta[:, rev]
+        theta[:, :, :3] = theta[:, :, rev]
+        grid = torch.nn.functional.affine_grid(theta=theta[:, :3], size=[1, src.shape[1], *size], align_corners=False)
+        out = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        result = MetaTensor(out, meta=dict(img.meta))
+        result.affine = pending.peek_pending_affine()
+        return result
 
 
 class JointForegroundMaskd(MapTransform):
@@ -181,38 +244,45 @@ class RobustZScoreNormalized(MapTransform):
         return d
 
 
-def build_preprocessing(organ: OrganConfig) -> Compose:
-    """The MONAI transform chain for one organ (keys: the organ's modalities, missing allowed)."""
+def _geometry_transforms(organ: OrganConfig) -> list[MapTransform]:
+    """Steps 2-3, per volume (each key on its own): channel first, RAS, the organ's spacing."""
+    geometry = list(organ.modalities) + [ROI_KEY]  # the ROI mask (when given) is resampled and cropped with the volumes
+    return [
+        EnsureChannelFirstd(geometry, channel_dim="no_channel", allow_missing_keys=True),
+        Orientationd(geometry, axcodes="RAS", labels=None, allow_missing_keys=True),
+        StridedSpacingd(geometry, pixdim=tuple(organ.spacing)),  # = Spacingd(bilinear, border, float32)
+    ]
+
+
+def _joint_transforms(organ: OrganConfig) -> list[MapTransform]:
+    """Steps 4-6, over all volumes of the study together: joint mask, crop, normalisation, ROI size."""
     keys = list(organ.modalities)
-    geometry = keys + [ROI_KEY]  # the ROI mask (when given) is resampled and cropped with the volumes
+    geometry = keys + [ROI_KEY]
     crop_source = ROI_KEY if organ.crop == "roi_mask" else FOREGROUND_KEY
-    return Compose(
-        [
-            EnsureChannelFirstd(geometry, channel_dim="no_channel", allow_missing_keys=True),
-            Orientationd(geometry, axcodes="RAS", labels=None, allow_missing_keys=True),
-            Spacingd(
-                geometry,
-                pixdim=tuple(organ.spacing),
-                mode="bilinear",
-                padding_mode="border",
-                dtype=np.float32,
-                allow_missing_keys=True,
-            ),
-            JointForegroundMaskd(keys),
-            CropForegroundd(
-                geometry + [FOREGROUND_KEY],
-                source_key=crop_source,  # crops to voxels > 0: any part of a resampled mask voxel counts
-                margin=CROP_MARGIN,
-                allow_smaller=True,
-                allow_missing_keys=True,
-                start_coord_key=None,
-                end_coord_key=None,
-            ),
-            # z-score over the body, or over the ROI mask when only the organ is kept
-            RobustZScoreNormalized(keys, mask_key=ROI_KEY if organ.zero_outside_roi else FOREGROUND_KEY),
-            ResizeWithPadOrCropd(keys, spatial_size=tuple(organ.roi_size), mode="constant", allow_missing_keys=True),
-        ]
-    )
+    return [
+        JointForegroundMaskd(keys),
+        CropForegroundd(
+            geometry + [FOREGROUND_KEY],
+            source_key=crop_source,  # crops to voxels > 0: any part of a resampled mask voxel counts
+            margin=CROP_MARGIN,
+            allow_smaller=True,
+            allow_missing_keys=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        ),
+        # z-score over the body, or over the ROI mask when only the organ is kept
+        RobustZScoreNormalized(keys, mask_key=ROI_KEY if organ.zero_outside_roi else FOREGROUND_KEY),
+        ResizeWithPadOrCropd(keys, spatial_size=tuple(organ.roi_size), mode="constant", allow_missing_keys=True),
+    ]
+
+
+def build_preprocessing(organ: OrganConfig) -> Compose:
+    """The MONAI transform chain for one organ (keys: the organ's modalities, missing allowed).
+
+    :func:`_compute` runs its first three steps (per volume) in the threads that read the
+    files, then the rest on the study; the output is the same as this chain's.
+    """
+    return Compose(_geometry_transforms(organ) + _joint_transforms(organ))
 
 
 def _check_modalities(paths: Mapping[str, Any], organ: OrganConfig) -> None:
@@ -236,20 +306,27 @@ def _compute(paths: Mapping[str, Path], organ: OrganConfig, roi_mask: Path | Non
     files: dict[str, Path] = {m: paths[m] for m in organ.modalities if m in paths}
     if roi_mask is not None:  # after the volumes: the first volume is the reference grid
         files[ROI_KEY] = roi_mask
-    for key, file in files.items():
+
+    def load(item: tuple[str, Path]) -> tuple[tuple[int, ...], np.ndarray, MetaTensor]:
+        key, file = item
         img = check_roi_mask(file) if key == ROI_KEY else check_volume(file)
         affine = np.asarray(img.affine, dtype=np.float64)
-        grids[key] = (tuple(img.shape), affine)
         voxels = np.asarray(img.get_fdata(dtype=np.float32))
         if key == ROI_KEY:
             voxels = (voxels != 0).astype(np.float32)
-        data[key] = MetaTensor(
-            torch.from_numpy(np.ascontiguousarray(voxels)),
-            affine=torch.from_numpy(affine),
-            meta={"filename_or_obj": str(file), "space": "RAS"},  # nibabel affines are RAS
-        )
+        # the file's (Fortran) memory order is kept: StridedSpacingd samples it without a transposed copy
+        tensor = MetaTensor(torch.from_numpy(voxels), affine=torch.from_numpy(affine),
+                            meta={"filename_or_obj": str(file), "space": "RAS"})  # nibabel affines are RAS
+        # steps 2-3 act on each volume alone: done here, in this file's thread
+        return tuple(img.shape), affine, Compose(_geometry_transforms(organ))({key: tensor})[key]
+
+    # the files are read and resampled in threads (decompression, numpy and torch release the GIL);
+    # errors come in file order, as when read one after the other
+    for key, (shape, affine, tensor) in zip(files, map_ordered(load, list(files.items()))):
+        grids[key] = (shape, affine)
+        data[key] = tensor
     check_same_grid(grids)
-    out = build_preprocessing(organ)(data)
+    out = Compose(_joint_transforms(organ))(data)
     roi = tuple(int(s) for s in organ.roi_size)
     images = torch.zeros((len(organ.modalities), *roi), dtype=torch.float32)
     present = torch.zeros(len(organ.modalities), dtype=torch.bool)
@@ -274,9 +351,8 @@ def _compute_lesion(paths: Mapping[str, Path], organ: OrganConfig, lesion_box: L
     images = torch.zeros((len(organ.modalities), *roi), dtype=torch.float32)
     present = torch.zeros(len(organ.modalities), dtype=torch.bool)
     affine: np.ndarray | None = None
-    for i, modality in enumerate(organ.modalities):
-        if modality not in paths:
-            continue
+
+    def cut(modality: str) -> Any:
         img = check_volume(paths[modality])
         space, box = "voxel", lesion_box.for_modality(modality) if lesion_box is not None else None
         if lesion_box is not None and box is not None:
@@ -287,13 +363,17 @@ def _compute_lesion(paths: Mapping[str, Path], organ: OrganConfig, lesion_box: L
             raise VolumeError(f"{paths[modality]}: no lesion box for modality '{modality}' (organ config '{organ.name}' "
                               "cuts each modality around its own box: add it to 'lesion_box.boxes')")
         try:
-            cut = cut_lesion_patch(img, box, space, organ.margin_mm, roi, organ.patch_norm)
+            return cut_lesion_patch(img, box, space, organ.margin_mm, roi, organ.patch_norm)
         except VolumeError as e:
             raise VolumeError(f"{paths[modality]}: {e}") from e
-        images[i] = torch.from_numpy(cut.image)
+
+    # modalities in threads (decompression releases the GIL); the first error in modality order, as serially
+    order = [(i, m) for i, m in enumerate(organ.modalities) if m in paths]
+    for (i, _), patch in zip(order, map_ordered(cut, [m for _, m in order])):
+        images[i] = torch.from_numpy(patch.image)
         present[i] = True
         if affine is None:
-            affine = cut.affine
+            affine = patch.affine
     assert affine is not None
     images = images.to(torch.float16).to(torch.float32)  # the cache stores float16
     return {"images": images, "present": present, "affine": torch.from_numpy(affine)}

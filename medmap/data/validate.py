@@ -41,6 +41,7 @@ from medmap.config import OrganConfig, load_organ_config
 from medmap.data.dicom import read_dicom_series, series_stat_key
 from medmap.errors import ConfigError, StudyListError, VolumeError
 from medmap.data.lesion import check_box
+from medmap.data.loading import read_fdata
 from medmap.data.studylist import Study, iter_study_lines
 from medmap.utils import atomic_write_text
 
@@ -225,13 +226,14 @@ def check_volume(path: str | Path, allow_constant: bool = False) -> nib.Nifti1Im
     img, shape, affine = check_volume_header(path)
     path = Path(path)
     try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+        # one-shot decompression (ISA-L when installed); the same voxels as img.get_fdata(dtype=np.float32)
+        data = (read_fdata(path, img) if path.is_file() else np.asarray(img.get_fdata(dtype=np.float32))).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error, MemoryError) as e:
         raise VolumeError(f"{path}: voxel data cannot be read; the file is truncated or corrupt ({e})") from e
-    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if n_bad:
+    lo, hi = float(data.min()), float(data.max())  # NaN propagates through min/max, +-inf is one of them
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         raise VolumeError(f"{path}: {n_bad} voxel(s) are NaN or infinite")
-    lo, hi = float(data.min()), float(data.max())
     if lo == hi and not allow_constant:
         raise VolumeError(f"{path}: the volume is constant (every voxel is {lo:g}); it holds no image")
     out = nib.Nifti1Image(data, affine)
