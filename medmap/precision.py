@@ -77,3 +77,29 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+#: CPU feature flags that decide which kernels float32 and bfloat16 run on
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_kernel_info() -> dict[str, object]:
+    """Which CPU kernel paths this machine gives PyTorch, and what ``precision: auto`` picks here.
+
+    ``capability`` is the vector ISA PyTorch's own kernels were dispatched to (``AVX2``,
+    ``AVX512``, ...); ``flags`` the :data:`KERNEL_FLAGS` the CPU reports; ``mkldnn_*`` whether
+    oneDNN (convolutions, bf16 matmuls) is built in and switched on; ``native_bf16`` the
+    predicate ``auto`` uses (:func:`bf16_is_fast_on_cpu`).
+    """
+    flags = cpu_flags()
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - torch < 2.1
+        capability = "unknown"
+    auto = resolve_precision("auto", torch.device("cpu"))
+    return {"capability": capability,
+            "flags": {f: (f in flags) for f in KERNEL_FLAGS} if flags is not None else None,
+            "mkldnn_available": bool(torch.backends.mkldnn.is_available()),
+            "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+            "native_bf16": bf16_is_fast_on_cpu(),
+            "precision_auto": "bfloat16" if auto is torch.bfloat16 else "float32"}

@@ -26,7 +26,7 @@ import functools
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Literal, Mapping, TypeVar, Union
 
 from medmap.errors import ConfigError
 
@@ -39,7 +39,8 @@ class RunSection:
     """``run``: how a run uses the machine; may change on ``--resume``."""
 
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    threads: int | None = None      # CPU threads per process; null = PyTorch's default
+    threads: int | Literal["auto"] | None = "auto"  # CPU threads per process; auto = free cores / processes
+                                    # (medmap.threads); null = PyTorch's default (one per core)
     num_workers: int = 0            # data-loader workers (> 0 only with spare cores)
     log_every: int = 1              # steps between log rows (stage 1)
     progress: bool = True           # progress bars
@@ -215,6 +216,7 @@ class FinetuneTraining(TrainingSection):
     warmup_epochs: float = 0.0
     ckpt_every: int = 1             # epochs between checkpoints/last
     val_every: int = 1              # epochs between validations; the last epoch is always validated
+    val_every_steps: int = 0        # > 0: also validate every N steps (finer model selection, time to accuracy)
     select_metric: str = "balanced_accuracy"  # model selection on the validation split only
 
 
@@ -282,6 +284,7 @@ class CNNTraining:
     grad_clip: float = 1.0
     precision: str = "auto"
     select_metric: str = "balanced_accuracy"
+    val_every_steps: int = 0        # > 0: also validate every N steps
     seed: int = 0
 
 
@@ -442,6 +445,8 @@ def _convert(hint: Any, value: Any) -> Any:
         return float(value) if isinstance(value, (int, float)) else _BAD
     if hint is str:
         return value if isinstance(value, str) else _BAD
+    if origin is Literal:
+        return value if value in typing.get_args(hint) else _BAD
     if origin is list:
         if not isinstance(value, (list, tuple)):
             return _BAD
@@ -459,6 +464,8 @@ def _convert(hint: Any, value: Any) -> Any:
 
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint) or hint
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
              dict: "a mapping", type(None): "null"}
     return names.get(origin, str(hint))

@@ -617,13 +617,16 @@ USER_WAIT_SECTIONS = {
 
 
 def machine_info() -> dict[str, Any]:
+    from medmap.precision import cpu_kernel_info
+
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average_1m": load[0] if load else None,
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(),
+            "kernels": cpu_kernel_info()}  # ISA, oneDNN, native bf16: which CPU kernel paths the figures used
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

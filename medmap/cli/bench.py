@@ -39,6 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16-iters", type=int, default=1,
                    help="timed bfloat16 iterations (slow on CPUs without native bf16)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    tta = p.add_argument_group("time to accuracy (--sections time_to_accuracy)")
+    tta.add_argument("--tta-liver", type=Path, default=None, metavar="STUDIES",
+                     help="lesion-level liver study list (e.g. medmap synth --organ liver --n 3000 --config lesion)")
+    tta.add_argument("--tta-brain", type=Path, default=None, metavar="STUDIES", help="brain study list (4 mm)")
+    tta.add_argument("--tta-liver-init", default=None, metavar="RUN", help="stage-1 run to start the liver encoders from")
+    tta.add_argument("--tta-brain-init", default=None, metavar="RUN", help="stage-1 run to start the brain encoders from")
+    tta.add_argument("--tta-threshold", type=float, default=0.90, help="validation balanced accuracy to reach (0.90)")
+    tta.add_argument("--tta-cap-min", type=float, default=10.0, help="minutes allowed per run (10)")
+    tta.add_argument("--tta-val-every-steps", type=int, default=50, help="validate every N steps (50)")
+    tta.add_argument("--tta-work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -56,6 +56,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from medmap.errors import CheckpointError, ConfigError
+from medmap.threads import configure_threads  # noqa: F401  (engines import it from here)
 from medmap.utils import atomic_write_text, pick_device, stable_hash
 
 MODEL_FILE = "model.safetensors"
@@ -111,18 +112,6 @@ def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistIn
         dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, True)
     return DistInfo(0, 1, 0, dev, False)
-
-
-def configure_threads(threads: int | None) -> None:
-    """Set intra-op CPU threads for this process (``run.threads``; ``None`` keeps PyTorch's default).
-
-    On a CPU shared by several processes (DDP ranks, data workers, other jobs), OpenMP
-    threads that outnumber the free cores spin against each other: ``medmap.benchmark``
-    measured a fine-tuning step at 0.82 s with 1 thread and 12.6 s with 2 threads on a busy
-    2-core machine. Use ``cores / processes`` threads per process.
-    """
-    if threads is not None and int(threads) > 0:
-        torch.set_num_threads(int(threads))
 
 
 def cleanup_distributed(info: DistInfo) -> None:

@@ -119,7 +119,7 @@ def run_finetuning(
     if typed.organ is None:
         raise ConfigError("fine-tuning config: 'organ' is required (a built-in organ name or a YAML path)")
     run_dir = Path(run_dir)
-    configure_threads(typed.run.threads)
+    configure_threads(typed.run.threads, typed.run.num_workers)
     info = setup_distributed(typed.run.device)
     try:
         with claim_run_dir(run_dir, resume, info):  # every rank checks, so none waits for the others
@@ -213,6 +213,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
                                        tcfg.min_lr_ratio)
     plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
                     log_every=max(1, cfg.run.log_every), validate_every_epochs=max(1, tcfg.val_every),
+                    validate_every_steps=tcfg.val_every_steps,
                     ckpt_every_steps=tcfg.ckpt_every_steps,
                     ckpt_every_epochs=max(1, tcfg.ckpt_every), select_metric=tcfg.select_metric)
     loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress,

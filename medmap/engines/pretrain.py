@@ -341,7 +341,7 @@ def run_pretraining(
     raw, cfg = cfg, pretrain_config(cfg)  # misspelt keys and wrong types fail before anything is written
     run_dir = Path(run_dir)
     tcfg = cfg.training
-    configure_threads(cfg.run.threads)
+    configure_threads(cfg.run.threads, cfg.run.num_workers)
     info = setup_distributed(cfg.run.device)
     guard = contextlib.ExitStack()
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -102,8 +103,14 @@ class TrainingLoop:
         self.optimizer, self.scheduler, self.plan, self.info = optimizer, scheduler, plan, info
         self.progress, self.desc, self.tensorboard = progress and info.is_main, desc, tensorboard
         self.step, self.best_score, self.best_epoch = 0, -math.inf, -1
+        self._started, self._elapsed_before = time.perf_counter(), 0.0
         self._resumed_rng: Mapping[str, Any] | None = None
         self.logger: RunLogger | None = None
+
+    def elapsed(self) -> float:
+        """Wall seconds of training so far (validation included, across resumptions), logged with
+        every validation so that the time to an accuracy can be read from ``log.csv``."""
+        return self._elapsed_before + time.perf_counter() - self._started
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The run's precision for a forward pass (``training.precision``)."""
@@ -119,6 +126,8 @@ class TrainingLoop:
             extra = dict(state.get("extra") or {})
             self.best_score = float(extra.get("best_score", -math.inf))
             self.best_epoch = int(extra.get("best_epoch", -1))
+            self._elapsed_before = float(extra.get("elapsed_s", 0.0))  # time to accuracy spans interruptions
+        self._started = time.perf_counter()
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, resume_step=self.step if last is not None else None,
                                 tensorboard=self.tensorboard)
         return self.logger
@@ -149,9 +158,10 @@ class TrainingLoop:
             for batch in batches:
                 self._optimise(step_fn(batch), epoch, bar)
                 final = self.step >= plan.total_steps
-                if plan.validate_every_steps and self.step % plan.validate_every_steps == 0 and not final:
-                    self._validate(validate, epoch, bar)
                 end = self.step % plan.steps_per_epoch == 0 or final
+                validated_at_end = end and (final or _every(plan.validate_every_epochs, epoch))
+                if plan.validate_every_steps and self.step % plan.validate_every_steps == 0 and not validated_at_end:
+                    self._validate(validate, epoch, bar)
                 if plan.ckpt_every_steps and self.step % plan.ckpt_every_steps == 0 and not (end and self._epoch_ckpt(epoch)):
                     self._save_last(epoch)
                 if final:
@@ -185,7 +195,7 @@ class TrainingLoop:
         if self.info.is_main:
             result = validate()
             if result is not None:
-                self.logger.log(self.step, {"epoch": epoch, **result.logs})
+                self.logger.log(self.step, {"epoch": epoch, **result.logs, "elapsed_s": self.elapsed()})
                 improved = result.score > self.best_score or self.best_epoch < 0  # an undefined score still leaves a best
                 if result.message:
                     bar.write(f"epoch {epoch + 1}/{self.plan.epochs()}: {result.message}" + (" (best)" if improved else ""))
@@ -200,7 +210,8 @@ class TrainingLoop:
         if self.info.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.optimizer, self.scheduler,
                             step=self.step, epoch=epoch, config=self.cfg,
-                            extra={"best_score": self.best_score, "best_epoch": self.best_epoch})
+                            extra={"best_score": self.best_score, "best_epoch": self.best_epoch,
+                                   "elapsed_s": self.elapsed()})
         barrier(self.info)
 
 

@@ -387,7 +387,8 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     total = tcfg.epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, int(tcfg.warmup_epochs * steps_per_epoch), total, tcfg.min_lr_ratio)
     plan = LoopPlan(total, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
-                    validate_every_epochs=1, ckpt_every_epochs=1, select_metric=tcfg.select_metric)
+                    validate_every_epochs=1, validate_every_steps=tcfg.val_every_steps, ckpt_every_epochs=1,
+                    select_metric=tcfg.select_metric)
     loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, DistInfo(device=device), tensorboard=False)
     logger = loop.start(find_checkpoint(run_dir, "last"))
 

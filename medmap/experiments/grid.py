@@ -78,7 +78,12 @@ class ExperimentGrid:
         self.device = str((self.cfg.get("run") or {}).get("device", "auto"))
         self.progress = bool((self.cfg.get("run") or {}).get("progress", False))
         threads = (self.cfg.get("run") or {}).get("threads")
-        self.threads = int(threads) if threads else None
+        if threads not in (None, "auto"):
+            if isinstance(threads, bool) or not isinstance(threads, (int, float)) or not float(threads).is_integer():
+                raise ConfigError(f"experiment config key 'run.threads' must be an integer or 'auto' or null, got {threads!r}")
+            threads = int(threads)
+        # per worker process, for its every job (stage 1, stage 2, baselines); None: each job's own run.threads
+        self.threads: int | str | None = threads or None
 
     # ---------------------------------------------------------------- paths
     @property
@@ -137,6 +142,8 @@ class ExperimentGrid:
         cfg.setdefault("ablation", {})["modality_aware"] = setting == "aware"
         cfg["training"]["seed"] = int(seed)
         cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        if self.threads:  # the grid's setting wins over the stage config's (shipped: auto)
+            cfg["run"]["threads"] = self.threads
         return cfg
 
     def labels_per_class(self, row: Row, regime: Regime) -> int | None:
@@ -163,6 +170,8 @@ class ExperimentGrid:
         cfg["ablation"] = {**(cfg.get("ablation") or {}), **row.ablation}
         cfg.setdefault("training", {})["seed"] = int(seed)
         cfg.setdefault("run", {}).update(device=self.device, progress=self.progress)
+        if self.threads:  # the grid's setting wins over the stage config's (shipped: auto)
+            cfg["run"]["threads"] = self.threads
         return cfg
 
     def cnn_config(self, task: str, row: Row, seed: int, regime: Regime | None = None) -> dict[str, Any]:

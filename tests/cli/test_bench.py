@@ -64,3 +64,29 @@ def test_bench_is_a_medmap_command() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--sections", "everything"])
     assert isinstance(args, argparse.Namespace)
+
+
+def test_latency_section_measures_both_studies(tmp_path, monkeypatch):
+    # tiny stand-ins for the default models (minutes of CPU here); the 2 mm brain study (--quick)
+    from medmap.benchmark import latency
+
+    def tiny_setup(name: str) -> perf.FinetuneSetup:
+        if name != "brain":
+            return perf.FinetuneSetup(name)  # the liver lesion model is small already
+        setup = perf.FinetuneSetup("brain", ["encoder.arch=cnn_small"])
+        setup.organ = dataclasses.replace(setup.organ, roi_size=(32, 32, 32))
+        setup.model = perf.build_medmap_classifier(setup.organ, setup.cfg, perf.TEXT_DIM)
+        return setup
+
+    monkeypatch.setattr(latency, "FinetuneSetup", tiny_setup)
+    res: dict = {}
+    latency.section_latency(res, argparse.Namespace(quick=True, iters=1))
+    out = res["latency"]
+    assert out["torch_threads"] == torch.get_num_threads() and out["gzip_backend"] in ("isal", "zlib")
+    for organ, target in (("brain", latency.BRAIN_TARGET_S), ("liver", latency.LIVER_TARGET_S)):
+        r = out[organ]
+        assert r["target_s"] == target and r["meets_target"] == (r["total_s"] <= target)
+        assert r["n"] == 1 and r["total_s"] > 0 and r["cold_s"] > 0
+        assert set(r["stages"]) == {"read_decompress_s", "checks_s", "geometry_s", "mask_normalise_s", "model_s",
+                                    "other_s"}
+        assert all(v >= 0 for v in r["stages"].values())

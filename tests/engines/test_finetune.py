@@ -81,6 +81,19 @@ def test_val_every_validates_on_schedule_and_at_the_end(data: Path, tmp_path: Pa
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
+def test_val_every_steps_validates_inside_epochs_once_per_step_with_the_elapsed_time(data: Path, tmp_path: Path) -> None:
+    import csv
+
+    out = tmp_path / "run"
+    run_finetuning(_ft_cfg(data, **{"training.epochs": 2, "training.val_every_steps": 1}), data, out)
+    with (out / "log.csv").open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_balanced_accuracy")]
+    steps = [int(float(r["step"])) for r in rows]
+    assert steps == sorted(set(steps)) and len(steps) == json.loads((out / "run_info.json").read_text())["total_steps"]
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0  # the run's own clock, for time to accuracy
+
+
 def test_an_undefined_selection_metric_still_leaves_a_best_checkpoint(data: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     real = ft.compute_metrics
