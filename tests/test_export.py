@@ -14,14 +14,12 @@ import yaml
 
 from medmap import __version__
 from medmap.cli.main import main
-from medmap.config import load_config
 from medmap.engines.evaluate import evaluate_run
-from medmap.engines.finetune import run_finetuning
 from medmap.errors import CheckpointError, ConfigError
 from medmap.export import EXPORT_FORMAT_VERSION, _portable_config, export_run
 from medmap.inference import load_run
 from medmap.utils import sha256_file
-from tests.helpers.tiny_studies import make_tiny_brain_data
+from tests.helpers.tiny_studies import make_tiny_brain_data, tiny_finetune_run
 
 TEST_IDS = ["s9", "s10", "s11"]
 
@@ -33,10 +31,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ft_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("exp_run") / "run"
-    cfg = load_config("tiny", "finetune", [f"organ={data.parent / 'brain_tiny.yaml'}", "run.progress=false",
-                                           "run.device=cpu", "training.epochs=1"])
-    run_finetuning(cfg, data, out)
+    out = tiny_finetune_run(data, tmp_path_factory.mktemp("exp_run") / "run")
     evaluate_run(out, split="test", n_bootstrap=20)  # the model card shows these numbers
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,17 +38,19 @@ def run(args: argparse.Namespace) -> int:
 
     m = evaluate_run(args.run_dir, split=args.split, data=args.data, which=args.checkpoint, n_bootstrap=args.bootstrap,
                      drop_modalities=args.drop_modality, out_dir=args.out, device=args.device)
-    ci = m.get("ci", {})
-
-    def fmt(k: str) -> str:
-        v = m.get(k)
-        if v is None:
-            return f"{k}: n/a"
-        lo_hi = ci.get(k)
-        return f"{k}: {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
-
-    print(f"{args.run_dir} on {args.split} (n={m['n']}):")
-    for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "flattened_onehot_accuracy"):
-        print("  " + fmt(k))
-    print(f"report: {Path(m['output_dir']) / 'report.md'}")
+    print_summary(f"{args.run_dir} on {args.split}", m,
+                  ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "flattened_onehot_accuracy"))
     return 0
+
+
+def print_summary(title: str, m: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Print ``metrics.json``-style results: each key with its bootstrap CI, then the report's path."""
+    ci = m.get("ci", {})
+    print(f"{title} (n={m['n']}):")
+    for k in keys:
+        v, lo_hi = m.get(k), ci.get(k)
+        if v is None:
+            print(f"  {k}: n/a")
+        else:
+            print(f"  {k}: {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else ""))
+    print(f"report: {Path(m['output_dir']) / 'report.md'}")

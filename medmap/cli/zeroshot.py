@@ -35,21 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medmap.cli.evaluate import print_summary
     from medmap.engines.zeroshot import zero_shot_classify
 
     m = zero_shot_classify(args.run_dir, args.data, args.organ, split=args.split, which=args.checkpoint,
                            n_bootstrap=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, device=args.device)
-    ci = m.get("ci", {})
-
-    def fmt(k: str) -> str:
-        v = m.get(k)
-        if v is None:
-            return f"{k}: n/a"
-        lo_hi = ci.get(k)
-        return f"{k}: {v:.4f}" + (f" [{lo_hi[0]:.4f}, {lo_hi[1]:.4f}]" if lo_hi else "")
-
-    print(f"{args.run_dir} zero-shot, {args.organ} on {args.split} (n={m['n']}):")
-    for k in ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece"):
-        print("  " + fmt(k))
-    print(f"report: {Path(m['output_dir']) / 'report.md'}")
+    print_summary(f"{args.run_dir} zero-shot, {args.organ} on {args.split}", m,
+                  ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece"))
     return 0

@@ -19,7 +19,7 @@ from medmap.engines.finetune import run_finetuning
 from medmap.engines.pretrain import run_pretraining
 from medmap.errors import CheckpointError, ConfigError, VolumeError
 from medmap.inference import load_run
-from tests.helpers.tiny_studies import make_tiny_brain_data
+from tests.helpers.tiny_studies import make_tiny_brain_data, tiny_finetune_config
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _ft_cfg(data: Path, **over: str) -> dict:
-    items = [f"organ={data.parent / 'brain_tiny.yaml'}", "run.progress=false", "run.device=cpu"]
-    items += [f"{k}={v}" for k, v in over.items()]
-    return load_config("tiny", "finetune", items)
+    return tiny_finetune_config(data, *(f"{k}={v}" for k, v in over.items()))
 
 
 @pytest.fixture(scope="module")

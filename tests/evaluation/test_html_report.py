@@ -16,11 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medmap.cli.main import main
-from medmap.config import OrganConfig, load_config, load_yaml
+from medmap.config import OrganConfig, load_yaml
 from medmap.data.studylist import LesionBox
-from medmap.engines.finetune import run_finetuning
 from medmap.evaluation.html_report import boxes_in_input, draw_box, input_affines
-from tests.helpers.tiny_studies import make_tiny_brain_data
+from tests.helpers.tiny_studies import make_tiny_brain_data, tiny_finetune_run
 
 STUDY_ID = "<script>alert(\"x\")&"
 
@@ -33,11 +32,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ft_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny fine-tuned brain run (random encoders, one epoch: the page, not the model, is tested)."""
-    out = tmp_path_factory.mktemp("htmlrun") / "run"
-    cfg = load_config("tiny", "finetune", [f"organ={data.parent / 'brain_tiny.yaml'}", "run.progress=false",
-                                           "run.device=cpu", "training.epochs=1"])
-    run_finetuning(cfg, data, out)
-    return out
+    return tiny_finetune_run(data, tmp_path_factory.mktemp("htmlrun") / "run")
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,19 @@ def make_tiny_brain_data(root: Path, n: int = 10, n_val: int = 3, n_test: int = 
     organ["spacing"] = [2.5, 2.5, 2.5]
     (root / "brain_tiny.yaml").write_text(yaml.safe_dump(organ))
     return write_study_list(studies, root / "studies.jsonl")
+
+
+def tiny_finetune_config(data: Path, *overrides: str) -> dict:
+    """The tiny fine-tuning config on ``make_tiny_brain_data``'s organ file, on the CPU, quiet."""
+    from medmap.config import load_config
+
+    items = [f"organ={data.parent / 'brain_tiny.yaml'}", "run.progress=false", "run.device=cpu", *overrides]
+    return load_config("tiny", "finetune", items)
+
+
+def tiny_finetune_run(data: Path, out: Path, epochs: int = 1) -> Path:
+    """A tiny fine-tuned brain run (random encoders) in ``out``: for tests of what reads a run."""
+    from medmap.engines.finetune import run_finetuning
+
+    run_finetuning(tiny_finetune_config(data, f"training.epochs={epochs}"), data, out)
+    return out
