@@ -217,6 +217,7 @@ class FinetuneTraining(TrainingSection):
     ckpt_every: int = 1             # epochs between checkpoints/last
     val_every: int = 1              # epochs between validations; the last epoch is always validated
     val_every_steps: int = 0        # > 0: also validate every N steps (finer model selection, time to accuracy)
+    eval_batch_size: int | None = None  # studies per forward pass in validation; null = 4 x batch_size
     select_metric: str = "balanced_accuracy"  # model selection on the validation split only
 
 
@@ -285,6 +286,7 @@ class CNNTraining:
     precision: str = "auto"
     select_metric: str = "balanced_accuracy"
     val_every_steps: int = 0        # > 0: also validate every N steps
+    eval_batch_size: int | None = None  # studies per forward pass in validation and test; null = 4 x batch_size
     seed: int = 0
 
 
@@ -321,6 +323,20 @@ RETIRED: dict[str, dict[tuple[str, str], tuple[tuple[Any, ...], str]]] = {"finet
 }}
 #: Keys that moved: read at their old place too (run folders saved before the move).
 MOVED = {"pretrain": {("encoder", "modality_aware"): ("ablation", "modality_aware")}}
+
+
+def eval_batch_size(training: FinetuneTraining | CNNTraining) -> int:
+    """Studies per forward pass in validation: ``training.eval_batch_size``, or 4 x the training
+    batch (no gradients are kept, so four times the studies fit in about the memory of one
+    training batch, and the larger batch costs ~30 % less per study on a CPU).
+
+    >>> eval_batch_size(FinetuneTraining(batch_size=8)), eval_batch_size(FinetuneTraining(eval_batch_size=5))
+    (32, 5)
+    """
+    size = training.eval_batch_size if training.eval_batch_size is not None else 4 * training.batch_size
+    if size < 1:
+        raise ConfigError(f"config key 'training.eval_batch_size' must be at least 1, got {size}")
+    return int(size)
 
 
 def parse_run_config(cfg: Mapping[str, Any] | Any, kind: str) -> Any:

@@ -71,3 +71,13 @@ def test_every_section_field_has_a_default() -> None:
     for cls in RUN_CONFIG_TYPES.values():
         for f in dataclasses.fields(cls):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+
+
+def test_eval_batch_size_defaults_to_four_training_batches():
+    from medmap.run_config import CNNTraining, FinetuneTraining, eval_batch_size
+
+    assert eval_batch_size(finetune_config({}).training) == 4 * finetune_config({}).training.batch_size
+    assert eval_batch_size(finetune_config({"training": {"batch_size": 3, "eval_batch_size": 5}}).training) == 5
+    assert eval_batch_size(CNNTraining(batch_size=2)) == 8
+    with pytest.raises(ConfigError, match="'training.eval_batch_size' must be at least 1"):
+        eval_batch_size(FinetuneTraining(eval_batch_size=0))

@@ -3,7 +3,8 @@
 Modules: :mod:`~medmap.benchmark.sections` (throughput, FLOPs against the matmul peak, memory,
 the naive-vs-optimised ratio, precision and compile knobs, and the driver), and one module per
 figure a user waits for: :mod:`~medmap.benchmark.time_to_accuracy`,
-:mod:`~medmap.benchmark.latency` and :mod:`~medmap.benchmark.threads`.
+:mod:`~medmap.benchmark.latency`, :mod:`~medmap.benchmark.threads` and
+:mod:`~medmap.benchmark.step_costs`.
 
 Example::
 

@@ -14,8 +14,9 @@ Prints (and with ``--json`` writes) figures; nothing is asserted. Sections:
   model separately, from a freshly initialised run folder;
 * ``data``: with the preprocessing cache warm, DataLoader time per batch vs compute per step;
 * ``naive``: fine-tuning throughput of the optimised set-up (reshape + linear patch
-  embedding, warm preprocessing cache) against a naive float32 baseline of the same model
-  (``nn.Conv3d`` patch embedding, every study preprocessed from NIfTI at every step);
+  embedding, fused AdamW, warm preprocessing cache) against a naive float32 baseline of the
+  same model (``nn.Conv3d`` patch embedding, PyTorch's default AdamW loop, every study
+  preprocessed from NIfTI at every step);
 * ``knobs``: what encoder width/depth, thread count, channels-last and bfloat16 change for
   one encoder's training step;
 * ``compile``: ``torch.compile`` of one encoder, in a subprocess with a time limit.
@@ -59,7 +60,7 @@ from medmap.config import OrganConfig, load_config, load_organ_config
 from medmap.data.cache import PreprocessCache
 from medmap.data.dataset import StudyDataset, collate_studies
 from medmap.data.studylist import Study
-from medmap.engines.common import clip_gradients, save_resolved_config
+from medmap.engines.common import build_adamw, clip_gradients, save_resolved_config
 from medmap.inference import ORGAN_FILE, StoredTextBank, load_run, save_text_bank
 from medmap.losses.contrastive import build_contrastive_loss
 from medmap.losses.finetune import build_medmap_loss
@@ -192,9 +193,11 @@ class FinetuneSetup:
         self.grad_clip = float(tcfg.get("grad_clip") or 0)
         self.make_optimizer()
 
-    def make_optimizer(self) -> None:
+    def make_optimizer(self, naive: bool = False) -> None:
+        """The engines' AdamW (:func:`build_adamw`), or PyTorch's default per-parameter loop (``naive``)."""
         lr = float(self.cfg["training"]["lr"])
-        self.optimizer = torch.optim.AdamW(self.model.parameter_groups(lr, float(self.cfg["training"]["weight_decay"])), lr=lr)
+        groups = self.model.parameter_groups(lr, float(self.cfg["training"]["weight_decay"]))
+        self.optimizer = torch.optim.AdamW(groups, lr=lr) if naive else build_adamw(groups, lr=lr)
 
     def random_batch(self, batch_size: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         b = batch_size or self.batch_size
@@ -332,7 +335,7 @@ def section_pretrain(res: dict[str, Any], iters: int) -> None:
     organs = {name: load_organ_config(name) for name in cfg["data"]["organs"]}
     model = build_pretrain_model(cfg, organs, TEXT_DIM).train()
     loss_fn = build_contrastive_loss(cfg, model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["training"]["lr"]))
+    optimizer = build_adamw(model.parameters(), lr=float(cfg["training"]["lr"]))
     bsz = int(cfg["training"]["batch_size"])
     params = sum(p.numel() for p in model.parameters())
     peak = _machine_peak(res)
@@ -468,7 +471,7 @@ def section_naive(res: dict[str, Any], work: Path, study: dict[str, Path], iters
     precision = "auto"  # the optimised set-up uses the default; on a CPU without native bf16 that is float32
     naive, opt = FinetuneSetup("brain"), FinetuneSetup("brain")
     n_swapped, diff = swap_to_conv_patch_embedding(naive.model)
-    naive.make_optimizer()
+    naive.make_optimizer(naive=True)
     b = opt.batch_size
     naive_ds = StudyDataset(_studies(study, b), "brain", cache=None)
     opt_ds = StudyDataset(_studies(study, b), "brain", cache=PreprocessCache(work / "cache"))
@@ -613,6 +616,7 @@ USER_WAIT_SECTIONS = {
     "time_to_accuracy": "medmap.benchmark.time_to_accuracy:section_time_to_accuracy",
     "latency": "medmap.benchmark.latency:section_latency",
     "threads": "medmap.benchmark.threads:section_threads",
+    "step_costs": "medmap.benchmark.step_costs:section_step_costs",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 ALL_SECTIONS = ("peak", "finetune", "pretrain", "predict", "data", "naive", "knobs", "compile",
-                "time_to_accuracy", "latency", "threads")
+                "time_to_accuracy", "latency", "threads", "step_costs")
 #: Sections run when none are named (time to accuracy trains models for minutes: name it).
 DEFAULT_SECTIONS = tuple(s for s in ALL_SECTIONS if s != "time_to_accuracy")
 

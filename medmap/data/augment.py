@@ -1,12 +1,20 @@
-"""Training-only augmentation of a preprocessed study (TorchIO).
+"""Training-only augmentation of a preprocessed study (torch, one call for all sequences).
 
-The present modalities of one study are the channels of one ``torchio.ScalarImage``, so
-every *spatial* transform (flip, affine) is drawn once and applied identically to all of
-them (the sequences stay aligned), in one resampling call for all of them. Missing
-modalities (``present == False``) are left out and stay all-zero. Intensity transforms act
-on present modalities only: the bias field is one smooth field for the whole study (one
-receive coil, one session), noise has one drawn level and independent values per channel,
-and scale/shift is drawn per modality and leaves the zero background untouched.
+Every *spatial* transform (flip, affine) is drawn once per study and applied identically to
+all of its present sequences (they stay aligned), in one ``grid_sample`` call for all of
+them. The affine (rotation, scaling, translation) is drawn in world millimetres and degrees,
+about the centre of the volume, and carried to voxels through the study's affine, so it is
+the same physical motion whatever the voxel spacing. Missing modalities (``present ==
+False``) are left out and stay all-zero. Intensity transforms act on present modalities
+only: the bias field is one smooth multiplicative field for the whole study (one receive
+coil, one session; ``exp`` of a random polynomial of degree 3 over the volume, as TorchIO's
+``RandomBiasField``), noise has one drawn level and independent values per channel, and
+scale/shift is drawn per modality and leaves the zero background untouched.
+
+Earlier versions called TorchIO per study; the draws were the same kinds, but its per-call
+overhead (a subject copy, global-RNG seeding and one SimpleITK resampling per sequence) made
+it several times slower (``python -m medmap.benchmark --sections step_costs``,
+docs/performance.md). Everything here is a few tensor operations on the whole study.
 
 Never use this in evaluation or prediction: :class:`~medmap.data.dataset.StudyDataset`
 applies it only when given one, and only training code builds one.
@@ -33,9 +41,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torchio as tio
+import torch.nn.functional as F
 
 from medmap.config import deep_merge
 from medmap.errors import ConfigError
@@ -89,29 +96,6 @@ class StudyAugmentation:
         self.seed = int(seed)
         self.epoch = 0
         self.calls = 0
-        c = self.cfg
-        spatial: list[tio.Transform] = []
-        if c["flip"]["prob"] > 0:
-            spatial.append(tio.RandomFlip(axes=tuple(int(a) for a in c["flip"]["axes"]), flip_probability=float(c["flip"]["prob"])))
-        if c["affine"]["prob"] > 0:
-            a = c["affine"]
-            spatial.append(
-                tio.RandomAffine(
-                    scales=float(a["scales"]),
-                    degrees=float(a["degrees"]),
-                    translation=float(a["translation_mm"]),
-                    default_pad_value=0.0,  # the preprocessed background is 0
-                    p=float(a["prob"]),
-                )
-            )
-        intensity: list[tio.Transform] = []
-        if c["bias_field"]["prob"] > 0:
-            intensity.append(tio.RandomBiasField(coefficients=float(c["bias_field"]["coefficients"]), p=float(c["bias_field"]["prob"])))
-        self._spatial = tio.Compose(spatial) if spatial else None
-        self._bias = tio.Compose(intensity) if intensity else None
-        self._noise = (
-            tio.RandomNoise(std=(0.0, float(c["noise"]["std"])), p=float(c["noise"]["prob"])) if c["noise"]["prob"] > 0 else None
-        )
 
     def set_position(self, epoch: int, calls: int = 0) -> None:
         """Continue as at the start of ``epoch`` after ``calls`` samples of it were augmented."""
@@ -133,29 +117,31 @@ class StudyAugmentation:
         if not idx:
             return sample
         seed = self._call_seed()
-        affine = np.asarray(torch.as_tensor(sample["affine"], dtype=torch.float64))
+        gen = torch.Generator().manual_seed(seed)  # every draw of this call; the global RNG is untouched
+        c = self.cfg
+        x = images[idx].to(torch.float32)
+        if _happens(c["flip"]["prob"], gen):
+            x = x.flip([int(a) + 1 for a in c["flip"]["axes"]])
+        if _happens(c["affine"]["prob"], gen):
+            a = c["affine"]
+            x = random_affine(x, torch.as_tensor(sample["affine"], dtype=torch.float64), float(a["degrees"]),
+                              float(a["scales"]), float(a["translation_mm"]), gen)
+        if _happens(c["bias_field"]["prob"], gen):
+            x = x * bias_field(x.shape[1:], float(c["bias_field"]["coefficients"]), gen)
+        ss = c["scale_shift"]
+        for j in range(len(idx)):
+            if _happens(ss["prob"], gen):
+                scale = 1.0 + _uniform(gen, float(ss["scale"]))
+                shift = _uniform(gen, float(ss["shift"]))
+                x[j] = torch.where(x[j] != 0, x[j] * scale + shift, x[j])
+        if _happens(c["noise"]["prob"], gen):
+            std = float(torch.rand((), generator=gen, dtype=torch.float64)) * float(c["noise"]["std"])
+            x = x + std * torch.randn(x.shape, generator=gen)
         out = images.clone()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            subject = tio.Subject(study=tio.ScalarImage(tensor=images[idx].clone(), affine=affine))
-            for t in (self._spatial, self._bias):
-                if t is not None:
-                    subject = t(subject)
-            x_all = subject["study"].data.to(torch.float32)
-            gen = torch.Generator().manual_seed(seed)
-            ss = self.cfg["scale_shift"]
-            for j, i in enumerate(idx):
-                x = x_all[j]
-                if ss["prob"] > 0 and torch.rand((), generator=gen) < ss["prob"]:
-                    scale = 1.0 + (2 * torch.rand((), generator=gen) - 1) * float(ss["scale"])
-                    shift = (2 * torch.rand((), generator=gen) - 1) * float(ss["shift"])
-                    x = torch.where(x != 0, x * scale + shift, x)
-                out[i] = x
-            if self._noise is not None:
-                out[idx] = self._noise(out[idx])
+        out[idx] = x.to(images.dtype)
         result = dict(sample)
-        result["images"] = out.to(images.dtype)
-        if self.cfg["sequence_dropout"]["prob"] > 0:
+        result["images"] = out
+        if c["sequence_dropout"]["prob"] > 0:
             result.update(self._drop_sequences(result["images"], present, idx, seed))
         return result
 
@@ -178,3 +164,88 @@ class StudyAugmentation:
 def build_augmentation(cfg: dict[str, Any] | None, seed: int = 0) -> Callable[[Sample], Sample]:
     """Build the training augmentation (see :class:`StudyAugmentation`); ``enabled: false`` -> identity."""
     return StudyAugmentation(cfg, seed=seed)
+
+
+def _uniform(gen: torch.Generator, half_width: float) -> float:
+    """One draw from ``U(-half_width, half_width)``."""
+    return (2.0 * float(torch.rand((), generator=gen, dtype=torch.float64)) - 1.0) * half_width
+
+
+def _happens(prob: float, gen: torch.Generator) -> bool:
+    """Whether a transform with probability ``prob`` is applied (no draw when ``prob`` is 0)."""
+    return prob > 0 and float(torch.rand((), generator=gen, dtype=torch.float64)) < prob
+
+
+def _rotation(angles_rad: torch.Tensor) -> torch.Tensor:
+    """``R = Rz Ry Rx`` (float64 ``[3, 3]``) for rotations about the world x, y and z axes."""
+    cx, cy, cz = torch.cos(angles_rad).tolist()
+    sx, sy, sz = torch.sin(angles_rad).tolist()
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    return rz @ ry @ rx
+
+
+def random_affine(x: torch.Tensor, affine: torch.Tensor, degrees: float, scales: float, translation_mm: float,
+                  gen: torch.Generator) -> torch.Tensor:
+    """Resample ``x`` (``[C, X, Y, Z]``, one study's sequences) under one random world-space affine:
+    rotation angles ``U(+-degrees)`` and scale factors ``U(1 +- scales)`` per world axis and a
+    translation ``U(+-translation_mm)`` per axis (see :func:`world_affine`).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> random_affine(torch.ones(2, 8, 8, 4), torch.eye(4, dtype=torch.float64), 10.0, 0.1, 2.0, g).shape
+    torch.Size([2, 8, 8, 4])
+    """
+    angles = (2 * torch.rand(3, generator=gen, dtype=torch.float64) - 1) * degrees
+    factors = 1.0 + (2 * torch.rand(3, generator=gen, dtype=torch.float64) - 1) * scales
+    shift_mm = (2 * torch.rand(3, generator=gen, dtype=torch.float64) - 1) * translation_mm
+    return world_affine(x, affine, angles, factors, shift_mm)
+
+
+def world_affine(x: torch.Tensor, affine: torch.Tensor, angles_deg: torch.Tensor, factors: torch.Tensor,
+                 shift_mm: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` (``[C, X, Y, Z]``) so that the output at world offset ``w`` from the volume
+    centre shows the input at ``R S w + shift_mm`` (``R = Rz Ry Rx`` of ``angles_deg``, ``S =
+    diag(factors)``); trilinear, zero outside the volume.
+
+    ``affine`` (voxel -> world mm) carries the motion to voxel indices, so anisotropic voxels
+    see the same physical rotation as isotropic ones.
+
+    >>> x = torch.arange(4.0).reshape(1, 4, 1, 1).expand(1, 4, 2, 2)
+    >>> spacing_2mm = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    >>> no_turn, unit = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    >>> shift = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)   # 2 mm = one voxel along x
+    >>> world_affine(x, spacing_2mm, no_turn, unit, shift)[0, :, 0, 0]
+    tensor([1., 2., 3., 0.])
+    """
+    linear = affine[:3, :3].to(torch.float64)
+    world = _rotation(torch.deg2rad(angles_deg.to(torch.float64))) @ torch.diag(factors.to(torch.float64))
+    voxel = torch.linalg.solve(linear, world @ linear)         # the same map on centred voxel indices
+    voxel_shift = torch.linalg.solve(linear, shift_mm.to(torch.float64))
+    half = (torch.tensor(x.shape[1:], dtype=torch.float64) - 1).clamp(min=1) / 2
+    # grid_sample's normalised coordinates (align_corners=True): u = centred index / half, axes reversed
+    theta_lin = (voxel * half[None, :] / half[:, None]).flip(0, 1)
+    theta_shift = (voxel_shift / half).flip(0)
+    theta = torch.cat([theta_lin, theta_shift[:, None]], dim=1)[None].to(torch.float32)
+    grid = F.affine_grid(theta, [1, x.shape[0], *x.shape[1:]], align_corners=True)
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def bias_field(shape: tuple[int, ...] | torch.Size, coefficients: float, gen: torch.Generator,
+               order: int = 3) -> torch.Tensor:
+    """A smooth multiplicative field ``exp(sum_{i+j+k <= order} c_ijk x^i y^j z^k)`` on ``[-1, 1]^3``
+    with ``c ~ U(+-coefficients)`` (``[X, Y, Z]``, float32): TorchIO's ``RandomBiasField`` model.
+
+    >>> f = bias_field((4, 4, 4), 0.0, torch.Generator().manual_seed(0))
+    >>> bool((f == 1).all())
+    True
+    """
+    axes = [torch.linspace(-1.0, 1.0, int(n), dtype=torch.float64) for n in shape]
+    xx, yy, zz = torch.meshgrid(*axes, indexing="ij")
+    log_field = torch.zeros(tuple(int(n) for n in shape), dtype=torch.float64)
+    for i in range(order + 1):
+        for j in range(order + 1 - i):
+            for k in range(order + 1 - i - j):
+                coef = (2 * float(torch.rand((), generator=gen, dtype=torch.float64)) - 1) * coefficients
+                log_field += coef * xx**i * yy**j * zz**k
+    return torch.exp(log_field).to(torch.float32)

@@ -38,7 +38,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from medmap.data.dicom import folder_files, series_stat_key
-from medmap.utils import atomic_write_bytes, sha256_file, stable_hash
+from medmap.utils import atomic_write_bytes, resolved_path, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def file_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
     The memo lives in memory and, when ``memo_dir`` is given, also in small files there, so
     that new processes (e.g. data-loader workers re-created each epoch) do not rehash.
     """
-    p = Path(path).resolve()
+    p = resolved_path(path)
     st = p.stat()
     return _memoised((str(p), st.st_size, st.st_mtime_ns), memo_dir, lambda: sha256_file(p))
 
@@ -63,7 +63,7 @@ def series_content_hash(path: str | Path, memo_dir: Path | None = None) -> str:
     Memoised like :func:`file_content_hash`, per ``(absolute path, names, sizes and mtimes of
     the files)``, so a warm call costs one ``stat`` per file.
     """
-    folder = Path(path).resolve()
+    folder = resolved_path(path)
     return _memoised((str(folder), "dicom", series_stat_key(folder)), memo_dir,
                      lambda: stable_hash({"dicom_series": {f.name: sha256_file(f) for f in folder_files(folder)}}))
 

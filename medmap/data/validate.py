@@ -43,7 +43,7 @@ from medmap.errors import ConfigError, StudyListError, VolumeError
 from medmap.data.lesion import check_box
 from medmap.data.loading import read_fdata
 from medmap.data.studylist import Study, iter_study_lines
-from medmap.utils import atomic_write_text
+from medmap.utils import atomic_write_text, resolved_path
 
 #: Grids of two modalities "coincide" when their voxel corners are this many voxels apart at most.
 GRID_TOLERANCE_VOXELS = 0.05
@@ -140,7 +140,7 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
 def _file_key(path: Path) -> Path:
     """The resolved path, or the path itself when it cannot be resolved (a symlink loop)."""
     try:
-        return path.resolve()
+        return resolved_path(path)
     except (OSError, RuntimeError):
         return path
 

@@ -8,7 +8,7 @@ Nothing here knows about MedMAP's models; an engine combines these pieces:
   checkpoints (``model.safetensors`` + ``state.pt``) written to a temporary folder and
   renamed into place, RNG state included, loaded with ``weights_only=True``;
 * :class:`RunLogger`: CSV + TensorBoard scalars, rank 0 only, resume-aware;
-* :func:`warmup_cosine_schedule`, :func:`clip_gradients` (precision: :mod:`medmap.precision`);
+* :func:`build_adamw`, :func:`warmup_cosine_schedule`, :func:`clip_gradients` (precision: :mod:`medmap.precision`);
 * :func:`save_resolved_config`, :func:`config_hash`, :func:`progress_bar`.
 
 A run folder looks like::
@@ -19,7 +19,7 @@ Example (the skeleton of a training loop)::
 
     dist_info = setup_distributed()
     model = build(...).to(dist_info.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_adamw(model.parameters(), lr=1e-4)
     sched = warmup_cosine_schedule(opt, warmup_steps=50, total_steps=1000)
     state = load_checkpoint(find_checkpoint(run_dir, "last"), model, opt, sched) if resume else None
     step = state["step"] if state else 0
@@ -46,7 +46,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -467,6 +467,30 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
 
 
 # --------------------------------------------------------------------------- optimisation
+def build_adamw(params: Any, lr: float, betas: Sequence[float] = (0.9, 0.999),
+                weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel (one pass over all parameters) where the parameters'
+    device has one, else the multi-tensor (``foreach``) kernel; the update is AdamW's either way.
+
+    PyTorch's CPU default is a Python loop of small operations per parameter: for the
+    2.9 M-parameter lesion-level liver model on two cores its step took 41 ms, the fused step
+    10 ms (``medmap bench``, docs/performance.md).
+
+    >>> opt = build_adamw(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    >>> opt.param_groups[0]["fused"]
+    True
+    """
+    params = list(params)
+
+    def fresh() -> list[Any]:  # an optimiser writes its options into group dicts: each attempt gets copies
+        return [dict(p) if isinstance(p, dict) else p for p in params]
+
+    try:
+        return torch.optim.AdamW(fresh(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(fresh(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
+
+
 def warmup_cosine_schedule(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -476,8 +500,11 @@ def warmup_cosine_schedule(
     Example:
         >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         >>> s = warmup_cosine_schedule(opt, warmup_steps=2, total_steps=4)
-        >>> [round(s.get_last_lr()[0], 3) for _ in range(4) if not s.step()]
-        [1.0, 1.0, 0.5, 0.0]
+        >>> lrs = []
+        >>> for _ in range(4):
+        ...     lrs.append(round(s.get_last_lr()[0], 3)); opt.step(); s.step()
+        >>> lrs
+        [0.333, 0.667, 1.0, 0.5]
     """
     if total_steps < 1:
         raise ValueError("total_steps must be positive")

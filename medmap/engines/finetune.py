@@ -40,6 +40,7 @@ from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
     barrier,
+    build_adamw,
     claim_run_dir,
     cleanup_distributed,
     configure_threads,
@@ -56,7 +57,7 @@ from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
 from medmap.models.medmap import build_medmap_classifier, load_encoders_from_pretrain
-from medmap.run_config import FinetuneConfig, finetune_config, pretrain_config
+from medmap.run_config import FinetuneConfig, eval_batch_size, finetune_config, pretrain_config
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -202,8 +203,8 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
         cw = class_weights_from_labels(train_labels, organ.num_classes)
     loss_fn = build_medmap_loss(cfg, organ.num_classes, class_weights=cw).to(info.device)
     groups = model.parameter_groups(tcfg.lr, tcfg.weight_decay, tcfg.encoder_lr_scale if pretrained else 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))
-    batch_size = tcfg.batch_size
+    optimizer = build_adamw(groups, lr=tcfg.lr, betas=tcfg.betas)
+    batch_size, val_batch = tcfg.batch_size, eval_batch_size(tcfg)
     sampler = OrganBatchSampler([organ.name] * len(train), batch_size, info.world_size, info.rank, seed)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:
@@ -239,7 +240,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
         return StepResult(loss, {f"loss_{k}": float(v) for k, v in parts.items()})
 
     def validate() -> Validation:
-        y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers),
+        y, p, _ = predict_probabilities(model, _loader(val_ds, _chunks(len(val_ds), val_batch), num_workers),
                                         bank, info.device, plan.precision)
         m = compute_metrics(y, p, organ.classes, n_bootstrap=0)
         score = float(m.get(plan.select_metric) if m.get(plan.select_metric) is not None else -math.inf)
@@ -255,7 +256,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
         train_time = time.time() - t0
         logger.log(loop.step, {"train_time_s": train_time})
         logger.close()
-        val_loader = _loader(val_ds, _chunks(len(val_ds), batch_size), num_workers)
+        val_loader = _loader(val_ds, _chunks(len(val_ds), val_batch), num_workers)
         summary = _write_summary(run_dir, model, organ.name, organ.classes, val_loader, bank, info, loop, train_time)
     barrier(info)
     return summary

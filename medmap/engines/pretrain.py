@@ -41,6 +41,7 @@ from medmap.data.validate import preflight_studies
 from medmap.engines.common import (
     DistInfo,
     barrier,
+    build_adamw,
     cleanup_distributed,
     configure_threads,
     claim_run_dir,
@@ -371,10 +372,10 @@ def run_pretraining(
         loss_fn = build_contrastive_loss(cfg, model)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
-        optimizer = torch.optim.AdamW(
+        optimizer = build_adamw(
             [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tcfg.lr,
-            betas=tuple(tcfg.betas),
+            betas=tcfg.betas,
         )
         scheduler = warmup_cosine_schedule(optimizer, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio)
         plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,

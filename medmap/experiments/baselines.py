@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from medmap.config import OrganConfig, load_organ_config
 from medmap.data.studylist import Study
 from medmap.errors import ConfigError, StudyListError
-from medmap.run_config import CNNBaselineConfig, parse_run_config
+from medmap.run_config import CNNBaselineConfig, eval_batch_size, parse_run_config
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
@@ -346,7 +346,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     from medmap.data.dataset import StudyDataset, collate_studies
     from medmap.data.sampler import OrganBatchSampler
     from medmap.data.validate import preflight_studies
-    from medmap.engines.common import (DistInfo, find_checkpoint, load_checkpoint, save_resolved_config,
+    from medmap.engines.common import (DistInfo, build_adamw, find_checkpoint, load_checkpoint, save_resolved_config,
                                        warmup_cosine_schedule)
     from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
     from medmap.evaluation.metrics import compute_metrics
@@ -375,13 +375,14 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
         augment = build_augmentation(acfg, seed=seed)
     train_ds = StudyDataset(splits["train"], organ, cache=pcache, augment=augment)
     eval_ds = {k: StudyDataset(splits[k], organ, cache=pcache) for k in ("val", "test")}
-    bs = tcfg.batch_size
-    eval_loader = {k: DataLoader(d, batch_size=bs, shuffle=False, collate_fn=collate_studies) for k, d in eval_ds.items()}
+    bs, eval_bs = tcfg.batch_size, eval_batch_size(tcfg)
+    eval_loader = {k: DataLoader(d, batch_size=eval_bs, shuffle=False, collate_fn=collate_studies)
+                   for k, d in eval_ds.items()}
 
     model = StackedModalityCNN(typed.net, len(organ.modalities), organ.num_classes).to(device)
     labels = np.array([train_ds.label_index(s) for s in splits["train"]])
     loss_fn = nn.CrossEntropyLoss(weight=class_weights_from_labels(labels, organ.num_classes).float().to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = build_adamw(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sampler = OrganBatchSampler([organ.name] * len(train_ds), bs, 1, 0, seed)
     steps_per_epoch = sampler.steps_per_epoch()
     total = tcfg.epochs * steps_per_epoch

@@ -92,3 +92,40 @@ def test_sequence_dropout_leaves_the_other_draws_unchanged():
     for i in range(3):
         if with_dropout["present"][i]:
             assert torch.equal(with_dropout["images"][i], plain["images"][i])
+
+
+def _deg(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_world_affine_rotates_in_millimetres_not_voxels():
+    """90 degrees about z: the output at world offset (a, b) mm shows the input at (-b, a) mm,
+    on isotropic voxels and on voxels twice as long along y."""
+    from medmap.data.augment import world_affine
+
+    one = _deg(1.0, 1.0, 1.0)
+    iso = torch.randn(1, 5, 5, 3)
+    out = world_affine(iso, torch.eye(4, dtype=torch.float64), _deg(0, 0, 90), one, _deg(0, 0, 0))
+    for a in range(-2, 3):
+        for b in range(-2, 3):
+            assert torch.allclose(out[0, 2 + a, 2 + b], iso[0, 2 - b, 2 + a], atol=1e-5)
+    aniso = torch.randn(1, 9, 5, 3)  # 1 mm along x, 2 mm along y: a 9 x 10 mm field, centre voxel (4, 2, 1)
+    affine = torch.diag(_deg(1.0, 2.0, 1.0, 1.0))
+    out = world_affine(aniso, affine, _deg(0, 0, 90), one, _deg(0, 0, 0))
+    for a in (-4, -2, 0, 2, 4):          # x offset in mm (= voxels)
+        for j in (-1, 0, 1):             # y offset in voxels (2j mm)
+            # input at (-2j mm, a mm) = voxel (4 - 2j, 2 + a / 2)
+            assert torch.allclose(out[0, 4 + a, 2 + j, 1], aniso[0, 4 - 2 * j, 2 + a // 2, 1], atol=1e-5)
+
+
+def test_world_affine_identity_and_scaling():
+    from medmap.data.augment import world_affine
+
+    x = torch.randn(2, 7, 6, 5)
+    eye = torch.diag(_deg(1.5, 1.5, 3.0, 1.0))
+    same = world_affine(x, eye, _deg(0, 0, 0), _deg(1, 1, 1), _deg(0, 0, 0))
+    assert torch.allclose(same, x, atol=1e-5)
+    ramp = torch.arange(7.0).reshape(1, 7, 1, 1).expand(1, 7, 6, 5)
+    zoomed = world_affine(ramp, eye, _deg(0, 0, 0), _deg(0.5, 1, 1), _deg(0, 0, 0))  # samples half the field: 2x zoom
+    assert torch.allclose(zoomed[0, :, 0, 0], 3.0 + 0.5 * (torch.arange(7.0) - 3.0), atol=1e-5)
+

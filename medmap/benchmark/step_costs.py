@@ -1,0 +1,103 @@
+"""Bench section ``step_costs``: where a lesion-level liver fine-tuning step spends its time.
+
+``python -m medmap.benchmark --sections step_costs`` times, on random inputs of the liver
+config's shapes (8 phases of 24 x 24 x 16 voxels, batch 8):
+
+* the training augmentation of one study (``medmap.data.augment``, every transform applied)
+  against the same transforms called through TorchIO per study, as earlier versions did;
+* the optimiser step of the liver model: PyTorch's default AdamW (a loop per parameter),
+  the multi-tensor (``foreach``) one and the fused one that the engines use (:func:`build_adamw`);
+* a whole training step with the model's dropout at 0.1 and at 0 (the liver default);
+* validation forward passes per study at batch 8 and at the default 4 x 8.
+
+Figures are printed and stored in ``res["step_costs"]``; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from medmap.benchmark.sections import FinetuneSetup, time_calls
+from medmap.data.augment import build_augmentation
+
+#: every transform on, with the liver config's strengths
+ALL_ON = {"flip": {"prob": 1.0}, "affine": {"prob": 1.0, "degrees": 8, "scales": 0.08, "translation_mm": 4},
+          "bias_field": {"prob": 1.0, "coefficients": 0.2}, "scale_shift": {"prob": 1.0},
+          "noise": {"prob": 1.0, "std": 0.05}}
+
+
+def _lesion_study() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    return {"images": torch.randn(8, 24, 24, 16, generator=g), "present": torch.ones(8, dtype=torch.bool),
+            "affine": torch.diag(torch.tensor([1.25, 1.25, 2.5, 1.0], dtype=torch.float64)), "study_id": "bench"}
+
+
+def _torchio_augment(study: dict[str, Any]) -> torch.Tensor:
+    """The same transforms through TorchIO, one subject per study (the earlier implementation)."""
+    import torchio as tio
+
+    a = ALL_ON["affine"]
+    pipeline = tio.Compose([
+        tio.RandomFlip(axes=(0,), flip_probability=1.0),
+        tio.RandomAffine(scales=a["scales"], degrees=a["degrees"], translation=a["translation_mm"], default_pad_value=0.0),
+        tio.RandomBiasField(coefficients=ALL_ON["bias_field"]["coefficients"]),
+        tio.RandomNoise(std=(0.0, ALL_ON["noise"]["std"])),
+    ])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        subject = tio.Subject(study=tio.ScalarImage(tensor=study["images"].clone(), affine=study["affine"].numpy()))
+        return pipeline(subject)["study"].data
+
+
+def _augmentation(iters: int) -> dict[str, float]:
+    study = _lesion_study()
+    ours = build_augmentation(ALL_ON, seed=0)
+    return {"medmap_ms": 1000 * time_calls(lambda: ours(study), 5 * iters)["median_s"],
+            "torchio_ms": 1000 * time_calls(lambda: _torchio_augment(study), 5 * iters)["median_s"]}
+
+
+def _optimizers(iters: int) -> dict[str, float]:
+    setup = FinetuneSetup("liver")
+    for p in setup.model.parameters():
+        p.grad = torch.randn_like(p)
+    out = {}
+    for name, kwargs in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        groups = setup.model.parameter_groups(3e-4, 0.05)  # fresh groups: an optimiser writes its options into them
+        opt = torch.optim.AdamW(groups, lr=3e-4, **kwargs)
+        out[f"{name}_ms"] = 1000 * time_calls(opt.step, 5 * iters)["median_s"]
+    return out
+
+
+def _dropout_and_validation(iters: int) -> dict[str, float]:
+    out = {}
+    for dropout in (0.1, 0.0):
+        setup = FinetuneSetup("liver", [f"model.dropout={dropout}"])
+        batch = setup.random_batch()
+        out[f"step_dropout_{dropout}_ms"] = 1000 * time_calls(lambda: setup.step(*batch), iters)["median_s"]
+    setup.model.eval()
+    for b in (setup.batch_size, 4 * setup.batch_size):
+        images, present, _ = setup.random_batch(b)
+        with torch.no_grad():
+            t = time_calls(lambda: setup.model(images, present, setup.bank), iters)["median_s"]
+        out[f"validation_batch_{b}_ms_per_study"] = 1000 * t / b
+    return out
+
+
+def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
+    """Augmentation, optimiser, dropout and validation batch costs of the liver fine-tuning step."""
+    iters = max(3, int(args.iters))
+    print(f"\n== Step costs: lesion-level liver fine-tuning (8 phases of 24x24x16, batch 8; "
+          f"{torch.get_num_threads()} threads) ==")
+    aug, opt, rest = _augmentation(iters), _optimizers(iters), _dropout_and_validation(iters)
+    print(f"  augmentation of one study, every transform on:  medmap {aug['medmap_ms']:.1f} ms, "
+          f"TorchIO per study {aug['torchio_ms']:.1f} ms")
+    print(f"  AdamW step of the liver model:  default {opt['default_ms']:.0f} ms, foreach {opt['foreach_ms']:.0f} ms, "
+          f"fused {opt['fused_ms']:.0f} ms (the engines)")
+    print(f"  training step:  dropout 0.1 {rest['step_dropout_0.1_ms']:.0f} ms, "
+          f"dropout 0 {rest['step_dropout_0.0_ms']:.0f} ms (the liver default)")
+    print(f"  validation forward per study:  batch 8 {rest['validation_batch_8_ms_per_study']:.1f} ms, "
+          f"batch 32 {rest['validation_batch_32_ms_per_study']:.1f} ms (the default)")
+    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest}
