@@ -218,6 +218,7 @@ class FinetuneTraining(TrainingSection):
     val_every: int = 1              # epochs between validations; the last epoch is always validated
     val_every_steps: int = 0        # > 0: also validate every N steps (finer model selection, time to accuracy)
     eval_batch_size: int | None = None  # studies per forward pass in validation; null = 4 x batch_size
+    ema_decay: float | None = None  # validate and keep (best) a moving average of the weights; null = as trained
     select_metric: str = "balanced_accuracy"  # model selection on the validation split only
 
 

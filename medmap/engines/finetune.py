@@ -216,7 +216,8 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
                     log_every=max(1, cfg.run.log_every), validate_every_epochs=max(1, tcfg.val_every),
                     validate_every_steps=tcfg.val_every_steps,
                     ckpt_every_steps=tcfg.ckpt_every_steps,
-                    ckpt_every_epochs=max(1, tcfg.ckpt_every), select_metric=tcfg.select_metric)
+                    ckpt_every_epochs=max(1, tcfg.ckpt_every), select_metric=tcfg.select_metric,
+                    ema_decay=tcfg.ema_decay)
     loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress,
                         desc=f"finetune {organ.name}")
     logger = loop.start(last)

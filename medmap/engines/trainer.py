@@ -8,7 +8,9 @@ function* (one batch -> loss and the values to log) and, optionally, a *validati
   iterator created, the augmentation positioned and, for a run resumed mid-epoch, the saved
   RNG state restored (:func:`medmap.engines.common.position_epoch`), so ``--resume`` is
   bit-identical;
-* the optimiser step: zero grad, backward, gradient clipping, optimiser and schedule step;
+* the optimiser step: zero grad, backward, gradient clipping, optimiser and schedule step,
+  and with ``ema_decay`` an exponential moving average of the weights (``torch.optim.swa_utils``)
+  that validation and ``checkpoints/best`` use instead of the weights as trained;
 * logging (every ``log_every`` steps: loss, learning rate, gradient norm, the step's values)
   and the progress bar;
 * validation every ``validate_every_steps`` steps (stage 1) or at the end of every
@@ -36,9 +38,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medmap.engines.common import (DistInfo, RunLogger, barrier, clip_gradients, load_checkpoint, position_epoch,
                                    progress_bar, save_checkpoint)
+from medmap.errors import ConfigError
 from medmap.precision import autocast_context
 from medmap.utils import derive_seed, seed_everything
 
@@ -58,6 +62,7 @@ class LoopPlan:
     ckpt_every_steps: int = 0
     ckpt_every_epochs: int = 0
     select_metric: str = "score"
+    ema_decay: float | None = None  # validate and save an exponential moving average of the weights
 
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
@@ -106,6 +111,11 @@ class TrainingLoop:
         self._started, self._elapsed_before = time.perf_counter(), 0.0
         self._resumed_rng: Mapping[str, Any] | None = None
         self.logger: RunLogger | None = None
+        self.ema: AveragedModel | None = None
+        if plan.ema_decay is not None:
+            if not 0.0 < plan.ema_decay < 1.0:
+                raise ConfigError(f"config key 'training.ema_decay' must be between 0 and 1 (exclusive), got {plan.ema_decay}")
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema_decay), use_buffers=True)
 
     def elapsed(self) -> float:
         """Wall seconds of training so far (validation included, across resumptions), logged with
@@ -127,6 +137,8 @@ class TrainingLoop:
             self.best_score = float(extra.get("best_score", -math.inf))
             self.best_epoch = int(extra.get("best_epoch", -1))
             self._elapsed_before = float(extra.get("elapsed_s", 0.0))  # time to accuracy spans interruptions
+            if self.ema is not None and extra.get("ema") is not None:
+                self.ema.load_state_dict(extra["ema"])
         self._started = time.perf_counter()
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, resume_step=self.step if last is not None else None,
                                 tensorboard=self.tensorboard)
@@ -182,6 +194,8 @@ class TrainingLoop:
         grad_norm = clip_gradients(self.model, self.plan.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{out.loss.item():.4f}", epoch=epoch, **out.postfix)
@@ -193,25 +207,46 @@ class TrainingLoop:
         if validate is None:
             return
         if self.info.is_main:
-            result = validate()
-            if result is not None:
-                self.logger.log(self.step, {"epoch": epoch, **result.logs, "elapsed_s": self.elapsed()})
-                improved = result.score > self.best_score or self.best_epoch < 0  # an undefined score still leaves a best
-                if result.message:
-                    bar.write(f"epoch {epoch + 1}/{self.plan.epochs()}: {result.message}" + (" (best)" if improved else ""))
-                if improved:
-                    self.best_score, self.best_epoch = result.score, epoch
-                    save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, step=self.step, epoch=epoch,
-                                    config=self.cfg, extra={"best_score": self.best_score, "best_epoch": epoch,
-                                                            "metric": self.plan.select_metric})
+            with self.averaged_weights():
+                result = validate()
+                self._record(result, epoch, bar)  # the best checkpoint holds the weights validated
         barrier(self.info)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside: the model holds the moving average of its weights (when ``plan.ema_decay``
+        is set and at least one step was taken); the trained weights come back after."""
+        if self.ema is None or int(self.ema.n_averaged) == 0:
+            yield
+            return
+        live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(live)
+
+    def _record(self, result: Validation | None, epoch: int, bar: Any) -> None:
+        """Log a validation and keep ``checkpoints/best`` when it improved."""
+        if result is None:
+            return
+        self.logger.log(self.step, {"epoch": epoch, **result.logs, "elapsed_s": self.elapsed()})
+        improved = result.score > self.best_score or self.best_epoch < 0  # an undefined score still leaves a best
+        if result.message:
+            bar.write(f"epoch {epoch + 1}/{self.plan.epochs()}: {result.message}" + (" (best)" if improved else ""))
+        if improved:
+            self.best_score, self.best_epoch = result.score, epoch
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, step=self.step, epoch=epoch,
+                            config=self.cfg, extra={"best_score": self.best_score, "best_epoch": epoch,
+                                                    "metric": self.plan.select_metric})
 
     def _save_last(self, epoch: int) -> None:
         if self.info.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.optimizer, self.scheduler,
                             step=self.step, epoch=epoch, config=self.cfg,
                             extra={"best_score": self.best_score, "best_epoch": self.best_epoch,
-                                   "elapsed_s": self.elapsed()})
+                                   "elapsed_s": self.elapsed(),
+                                   "ema": self.ema.state_dict() if self.ema is not None else None})
         barrier(self.info)
 
 

@@ -106,10 +106,16 @@ def test_an_undefined_selection_metric_still_leaves_a_best_checkpoint(data: Path
     evaluate_run(out, split="test", n_bootstrap=0)
 
 
-def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # augmentation on (the shipped configs' default) and a checkpoint mid-epoch: resume must be bit-identical
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, ema: float | None) -> None:
+    # augmentation on (the shipped configs' default) and a checkpoint mid-epoch: resume must be bit-identical,
+    # with the moving average of the weights (training.ema_decay) too
     aug = "{enabled: true, flip: {prob: 0.5}, affine: {prob: 0.5, degrees: 8, scales: 0.08, translation_mm: 2}, noise: {prob: 0.5, std: 0.05}}"
-    cfg = _ft_cfg(data, **{"training.ckpt_every_steps": 3, "data.augment": aug, "model.dropout": 0.2})
+    over = {"training.ckpt_every_steps": 3, "data.augment": aug, "model.dropout": 0.2}
+    if ema is not None:
+        over["training.ema_decay"] = ema
+    cfg = _ft_cfg(data, **over)
     out = tmp_path / "run"
     import medmap.engines.trainer as trainer
 
@@ -140,11 +146,17 @@ def test_interrupted_finetune_resumes_to_the_same_weights(data: Path, ft_run: Pa
     # an uninterrupted run with the same config ends with the same weights
     ref = tmp_path / "ref"
     run_finetuning(cfg, data, ref)
-    a = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
-    b = load_file(str(ref / "checkpoints" / "last" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for which in ("last", "best"):
+        a = load_file(str(out / "checkpoints" / which / "model.safetensors"))
+        b = load_file(str(ref / "checkpoints" / which / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (which, k)
+    if ema is not None:  # best holds the averaged weights that were validated, last the weights as trained
+        best = load_file(str(ref / "checkpoints" / "best" / "model.safetensors"))
+        last = load_file(str(ref / "checkpoints" / "last" / "model.safetensors"))
+        assert any(not torch.equal(best[k], last[k]) for k in best)
+        assert torch.load(ref / "checkpoints" / "last" / "state.pt", weights_only=True)["extra"]["ema"] is not None
 
 
 def test_evaluate_writes_every_metric_and_plot(ft_run: Path) -> None:
@@ -290,6 +302,11 @@ def test_predict_with_a_lesion_box(ft_run: Path, data: Path, tmp_path: Path, cap
     assert "six finite numbers" in capsys.readouterr().err
     assert main(["predict", str(run), *vols, "--lesion-box", "0,0,0,40,5,5", "--out", str(tmp_path / "p6"), *common]) == 2
     assert "lies outside the volume" in capsys.readouterr().err
+
+
+def test_ema_decay_outside_0_1_is_refused(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'training.ema_decay' must be between 0 and 1"):
+        run_finetuning(_ft_cfg(data, **{"training.ema_decay": 1.0}), data, tmp_path / "run")
 
 
 def test_inference_does_not_import_the_training_engines() -> None:
