@@ -51,13 +51,14 @@ def resolved_path(path: str | Path) -> Path:
 
     Resolving walks every component of the path with ``lstat``; a training run keys each of
     its files by the resolved path at every epoch (the preprocessing cache, the pre-flight
-    memo), 20,000 files for a 3,000-study liver list, which took seconds per pass. A symlink
-    that is re-pointed while a process runs is seen by the next process.
+    memo), 20,000 files for a 3,000-study liver list, which took seconds per pass. Remembered
+    by absolute path (no file-system access), so a relative path stays right after a change of
+    working directory; a symlink re-pointed while a process runs is seen by the next process.
 
     >>> resolved_path("a/../b") == Path("b").resolve()
     True
     """
-    key = os.fspath(path)
+    key = os.path.abspath(path)
     hit = _RESOLVED.get(key)
     if hit is None:
         hit = _RESOLVED[key] = Path(key).resolve()

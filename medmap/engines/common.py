@@ -473,8 +473,8 @@ def build_adamw(params: Any, lr: float, betas: Sequence[float] = (0.9, 0.999),
     device has one, else the multi-tensor (``foreach``) kernel; the update is AdamW's either way.
 
     PyTorch's CPU default is a Python loop of small operations per parameter: for the
-    2.9 M-parameter lesion-level liver model on two cores its step took 41 ms, the fused step
-    10 ms (``medmap bench``, docs/performance.md).
+    2.9 M-parameter lesion-level liver model on two cores its step took 17 ms, the fused step
+    4 ms (``medmap bench --sections step_costs``, docs/performance.md).
 
     >>> opt = build_adamw(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
     >>> opt.param_groups[0]["fused"]

@@ -90,3 +90,14 @@ def test_latency_section_measures_both_studies(tmp_path, monkeypatch):
         assert set(r["stages"]) == {"read_decompress_s", "checks_s", "geometry_s", "mask_normalise_s", "model_s",
                                     "other_s"}
         assert all(v >= 0 for v in r["stages"].values())
+
+
+def test_step_costs_section_is_registered_and_its_augmentation_timing_runs() -> None:
+    from medmap.benchmark import step_costs
+    from medmap.benchmark.sections import USER_WAIT_SECTIONS
+
+    assert "step_costs" in bench.ALL_SECTIONS and "step_costs" in USER_WAIT_SECTIONS
+    times = step_costs._augmentation(1)
+    assert times["medmap_ms"] > 0 and times["torchio_ms"] > 0
+    out = step_costs._torchio_augment(step_costs._lesion_study())
+    assert out.shape == (8, 24, 24, 16)

@@ -134,3 +134,17 @@ def test_file_hash_memo_on_disk_survives_a_new_process(tmp_path, monkeypatch):
     clear_hash_memo()
     write_nifti(path, head_volume(seed=5))  # new content: size/mtime change -> rehash
     assert cache_mod.file_content_hash(path, memo) != h1 and len(calls) == 2
+
+
+def test_resolved_path_follows_the_working_directory(tmp_path, monkeypatch):
+    """The per-process memo of resolved paths keys on the absolute path, so the same relative
+    name in another working directory is another file."""
+    from medmap.utils import resolved_path
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = resolved_path("vol.nii.gz")
+    monkeypatch.chdir(tmp_path / "b")
+    assert first == (tmp_path / "a" / "vol.nii.gz").resolve()
+    assert resolved_path("vol.nii.gz") == (tmp_path / "b" / "vol.nii.gz").resolve()
