@@ -1,10 +1,20 @@
 """Numeric precision, picked per machine: one place for the training engines, the baselines and
 inference.
 
-``precision: auto`` means bfloat16 autocast on GPUs that support it and on CPUs with native
-bfloat16 units (AMX or AVX-512 BF16), float32 everywhere else: on AVX2-only CPUs bfloat16 is
-emulated and far slower than float32. ``fp16`` is accepted but never chosen by ``auto`` (it
-would need a gradient scaler).
+``precision: auto`` means bfloat16 autocast on GPUs that support it and float32 on every CPU.
+bfloat16 is picked where it pays, which the project counts as a training step at least
+:data:`BF16_PAYS` times faster than float32; on a CPU it did not for any MedMAP encoder kind:
+
+* CPUs without native bfloat16 (AVX2, plain AVX-512) emulate it: 3-13x *slower* than float32;
+* a CPU with native bfloat16 (AVX-512 BF16, AMD EPYC Zen 5; ``medmap bench --sections threads``,
+  2026-12-02) runs a bfloat16 matmul 3.9x faster, but a whole fine-tuning step only 0.65-0.7x
+  as fast (liver, ``cnn_patch`` encoders), 1.1-1.6x (brain, ``cnn_brain``) and 1.5-1.9x
+  (``vit_small``) in repeated runs: the 3D convolutions, normalisations and casts gain little;
+* on an AMX Xeon the brain fine-tuning step ran at 5.5 studies/s in bfloat16 against 5.9 in
+  float32 (issue 21).
+
+``precision: bf16`` still trains in bfloat16 autocast on any CPU, for whoever wants that gain.
+``fp16`` is accepted but never chosen by ``auto`` (it would need a gradient scaler).
 
 Example:
     >>> import torch
@@ -21,12 +31,17 @@ import contextlib
 import torch
 
 
+#: bfloat16 must make a training step at least this much faster than float32 to be worth picking
+BF16_PAYS = 2.0
+
+
 def bf16_is_fast_on_cpu() -> bool:
     """True when this CPU has native bfloat16 matrix units (AMX or AVX-512 BF16).
 
-    On CPUs without them, bfloat16 matmuls are emulated and far slower than float32
-    (measured on an AVX2-only AMD EPYC: 0.3 vs 129 GFLOP/s), so ``precision: auto`` must
-    not pick bfloat16 there.
+    On CPUs without them, bfloat16 matmuls are emulated and far slower than float32 (measured
+    on an AVX2-only AMD EPYC: 0.3 vs 129 GFLOP/s); with them, a bfloat16 matmul is several
+    times faster (AVX-512 BF16 EPYC: 679 vs 173 GFLOP/s), though a MedMAP step is not (see the
+    module docstring). Reported by ``medmap bench``.
     """
     flags = cpu_flags()
     if flags is not None:
@@ -63,15 +78,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         if device.type == "cuda":  # float16 would need a gradient scaler; without bf16, train in float32
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if bf16_is_fast_on_cpu() else None
+        return None  # no CPU made a MedMAP step BF16_PAYS times faster in bf16 (module docstring)
     raise ValueError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``auto|fp32|bf16|fp16`` (see :func:`resolve_precision`).
 
-    ``auto`` means bf16 on GPUs that support it and on CPUs with native bf16, fp32 otherwise
-    (on AVX2-only CPUs bf16 is emulated and ~400x slower than fp32).
+    ``auto`` means bf16 on GPUs that support it and fp32 on CPUs (see the module docstring).
     """
     dtype = resolve_precision(precision, device)
     if dtype is None:
@@ -89,7 +103,7 @@ def cpu_kernel_info() -> dict[str, object]:
     ``capability`` is the vector ISA PyTorch's own kernels were dispatched to (``AVX2``,
     ``AVX512``, ...); ``flags`` the :data:`KERNEL_FLAGS` the CPU reports; ``mkldnn_*`` whether
     oneDNN (convolutions, bf16 matmuls) is built in and switched on; ``native_bf16`` the
-    predicate ``auto`` uses (:func:`bf16_is_fast_on_cpu`).
+    bfloat16 matrix units (:func:`bf16_is_fast_on_cpu`).
     """
     flags = cpu_flags()
     try:

@@ -106,14 +106,16 @@ def test_experiment_grid_threads_reach_every_job(tmp_path) -> None:
 def test_threads_bench_section_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny model (3 stride-2 stages: 18 tokens per modality, as cnn_patch); 2 threads are timed
     # only where auto picks them: oversubscribed, even this model takes seconds per step
+    tiny = ["encoder.arch={type: cnn, channels: [4, 4, 4], subunits: 1, dim: 8}", "training.batch_size=1"]
+
     def tiny_setup() -> FinetuneSetup:
-        return FinetuneSetup("liver", ["encoder.arch={type: cnn, channels: [4, 4, 4], subunits: 1, dim: 8}",
-                                       "training.batch_size=1"])
+        return FinetuneSetup("liver", tiny)
 
     monkeypatch.setattr(bench_threads, "make_setup", tiny_setup)
     monkeypatch.setattr(bench_threads, "THREAD_COUNTS", (1,))
     monkeypatch.setattr(bench_threads, "encoder_cases", lambda: [("cnn", TINY_CNN, (8, 8, 8), 2),
                                                                  ("vit", TINY_VIT, (8, 8, 8), 2)])
+    monkeypatch.setattr(bench_threads, "step_cases", lambda: [("cnn", "liver", tiny)])
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # PyTorch's default is timed too
     res: dict = {}
@@ -127,6 +129,10 @@ def test_threads_bench_section_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
     for r in out["rows"]:
         assert {1, r["auto"]} <= set(r["step_s"]) and r["fastest"] in r["step_s"]
     assert out["rows"][1]["busy_cores_measured"] >= 0.5  # the spinning subprocess was seen
-    assert set(out["precision"]) == {"cnn", "vit", "finetune_step"}
+    assert set(out["precision"]) == {"cnn", "vit"} and set(out["precision_steps"]) == {"cnn"}
     assert out["precision"]["cnn"]["conv_kernels"]["fp32"]  # e.g. aten::mkldnn_convolution (oneDNN)
-    assert out["kernels"]["precision_auto"] == out["precision_auto"]
+    step = out["precision_steps"]["cnn"]
+    assert step["bf16_speedup"] == pytest.approx(step["fp32_s"] / step["bf16_s"])
+    assert out["kernels"]["precision_auto"] == out["precision_auto"] == "float32"  # auto on a CPU
+    # the verdict is judged on the whole steps: a kind is flagged where bf16 pays (auto keeps float32)
+    assert out["precision_auto_wrong_for"] == (["cnn"] if step["bf16_pays"] else [])

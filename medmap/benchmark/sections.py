@@ -468,7 +468,7 @@ def section_data(res: dict[str, Any], work: Path, study: dict[str, Path], iters:
 
 def section_naive(res: dict[str, Any], work: Path, study: dict[str, Path], iters: int, input_desc: str) -> None:
     print(f"\n== Naive float32 baseline vs optimised fine-tuning (brain config, same model, {input_desc}) ==")
-    precision = "auto"  # the optimised set-up uses the default; on a CPU without native bf16 that is float32
+    precision = "auto"  # the optimised set-up uses the default: float32 on a CPU
     naive, opt = FinetuneSetup("brain"), FinetuneSetup("brain")
     n_swapped, diff = swap_to_conv_patch_embedding(naive.model)
     naive.make_optimizer(naive=True)

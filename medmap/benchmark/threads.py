@@ -9,9 +9,9 @@ Two tables (``python -m medmap.benchmark --sections threads``):
 * which CPU kernel paths this machine offers (ISA, oneDNN, native bf16: ``machine_info()``),
   which convolution kernel the CNN encoders actually ran, and one encoder training step
   (one study's volumes, forward + backward) per encoder kind (``cnn_patch``, ``cnn_brain``,
-  ``vit_small``) in float32 and in bfloat16 autocast, plus the whole liver step in both: the
-  evidence for ``precision: auto`` (bf16 only on CPUs with native bf16, where it must be at
-  least 2x faster to pay).
+  ``vit_small``) in float32 and in bfloat16 autocast, plus the whole fine-tuning step of a
+  config per encoder kind in both: the evidence for ``precision: auto`` (float32 on CPUs; bf16
+  would have to make the step at least 2x faster to pay, :data:`medmap.precision.BF16_PAYS`).
 
 Figures are printed and stored in ``res["threads"]``; nothing is asserted.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -31,13 +32,11 @@ from torch import Tensor, nn
 from medmap.benchmark.sections import DEVICE, FinetuneSetup, _encoder_step, _fmt_s, machine_info, time_calls
 from medmap.config import load_config, load_organ_config
 from medmap.models.encoders import build_encoder
-from medmap.precision import resolve_precision
+from medmap.precision import BF16_PAYS, resolve_precision
 from medmap.threads import ThreadDecision, decide_threads
 
 #: thread counts always timed (besides PyTorch's default and what ``auto`` picks)
 THREAD_COUNTS = (1, 2)
-#: bfloat16 must make a step at least this much faster than float32 to be worth picking
-BF16_PAYS = 2.0
 #: convolution ops that only dispatch (the kernel that ran is the other ``aten::*conv*`` op)
 _DISPATCH_OPS = {"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution", "aten::_convolution",
                  "aten::convolution_backward"}
@@ -56,6 +55,16 @@ def encoder_cases() -> list[tuple[str, Any, tuple[int, ...], int]]:
     return [("cnn_patch", "cnn_patch", tuple(liver.roi_size), len(liver.modalities)),
             ("cnn_brain", "cnn_brain", tuple(brain.roi_size), len(brain.modalities)),
             ("vit_small", "vit_small", tuple(brain_1mm.roi_size), len(brain_1mm.modalities))]
+
+
+def step_cases() -> list[tuple[str, str, list[str]]]:
+    """``(kind, fine-tuning config, overrides)``: a whole fine-tuning step per encoder kind.
+
+    ``vit_small`` runs in the brain config at 1 mm (its 16^3 patches tile that ROI), with
+    sequence tokens fused by sequence: the sequence exchange needs CNN encoders.
+    """
+    vit = ["encoder.arch=vit_small", "organ=brain", "model.sequence_exchange=false", "model.token_fusion=sequence"]
+    return [("cnn_patch", "liver", []), ("cnn_brain", "brain", []), ("vit_small", "brain", vit)]
 
 
 @contextlib.contextmanager
@@ -93,14 +102,47 @@ def thread_row(setup: FinetuneSetup, load: str, iters: int, default_threads: int
             "busy_cores_measured": decision.busy, "step_s": times, "fastest": fastest, "auto_is_fastest": right}
 
 
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2 for the block: PyTorch 2.13's profiler prints a ``USDT: ...
+    profiler_start/stop`` line from C++ at each use, which would clutter the bench's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def conv_kernels(model: nn.Module, x: Tensor, precision: str) -> list[str]:
     """The convolution kernels one training step of ``model`` ran (``aten::mkldnn_convolution`` = oneDNN)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
         _encoder_step(model, x, precision)
     return sorted({e.key for e in prof.key_averages()
                    if e.key.startswith("aten::") and "conv" in e.key and e.key not in _DISPATCH_OPS})
+
+
+def _print_precision_row(label: str, row: dict[str, Any]) -> None:
+    convs = row.get("conv_kernels")
+    conv = f"; conv kernels fp32 {', '.join(convs['fp32']) or '-'}, bf16 {', '.join(convs['bf16']) or '-'}" if convs else ""
+    print(f"  {label:44s} fp32 {_fmt_s(row['fp32_s']):>8s}  bf16 {_fmt_s(row['bf16_s']):>8s}"
+          f"  {row['bf16_speedup']:.2f}x ({'pays' if row['bf16_pays'] else 'does not pay'}){conv}")
+
+
+def step_precision_row(organ: str, overrides: list[str], iters: int, bf16_iters: int) -> dict[str, Any]:
+    """float32 vs bfloat16 autocast for one whole fine-tuning step (``FinetuneSetup.step``)."""
+    setup = FinetuneSetup(organ, overrides)
+    batch = setup.random_batch()
+    fp32 = time_calls(lambda: setup.step(*batch, "fp32"), iters)["median_s"]
+    setup.make_optimizer()
+    bf16 = time_calls(lambda: setup.step(*batch, "bf16"), bf16_iters)["median_s"]
+    return {"config": organ, "overrides": overrides, "batch_size": setup.batch_size, "fp32_s": fp32, "bf16_s": bf16,
+            "bf16_speedup": fp32 / bf16, "bf16_pays": fp32 / bf16 >= BF16_PAYS}
 
 
 def precision_row(kind: str, arch: Any, roi: tuple[int, ...], volumes: int, iters: int, bf16_iters: int) -> dict[str, Any]:
@@ -153,35 +195,24 @@ def section_threads(res: dict[str, Any], args: argparse.Namespace) -> None:
     _print_kernels(kernels)
     auto_dtype = resolve_precision("auto", DEVICE)
     torch.set_num_threads(rows[0]["auto"])
-    per_kind: dict[str, Any] = {}
     try:
-        for kind, arch, roi, volumes in encoder_cases():
-            row = per_kind[kind] = precision_row(kind, arch, roi, volumes, iters, bf16_iters)
-            convs = row.get("conv_kernels")
-            conv = (f"  conv kernels fp32 {', '.join(convs['fp32']) or '-'}; bf16 {', '.join(convs['bf16']) or '-'}"
-                    if convs else "")
-            print(f"  {kind:10s} {volumes} x {tuple(roi)}  fp32 {_fmt_s(row['fp32_s']):>8s}  bf16 {_fmt_s(row['bf16_s']):>8s}"
-                  f"  bf16 speed-up {row['bf16_speedup']:.2f}x ({'pays' if row['bf16_pays'] else 'does not pay'})" + conv)
-        batch = setup.random_batch()
-        fp32 = time_calls(lambda: setup.step(*batch, "fp32"), iters)["median_s"]
-        setup.make_optimizer()
-        bf16 = time_calls(lambda: setup.step(*batch, "bf16"), bf16_iters)["median_s"]
-        step = per_kind["finetune_step"] = {"fp32_s": fp32, "bf16_s": bf16, "bf16_speedup": fp32 / bf16,
-                                            "bf16_pays": fp32 / bf16 >= BF16_PAYS}
-        print(f"  whole fine-tuning step (batch {setup.batch_size}): fp32 {_fmt_s(fp32)}, bf16 {_fmt_s(bf16)} "
-              f"({step['bf16_speedup']:.2f}x)")
+        per_kind = {kind: precision_row(kind, arch, roi, volumes, iters, bf16_iters)
+                    for kind, arch, roi, volumes in encoder_cases()}
+        for kind, row in per_kind.items():
+            _print_precision_row(f"{kind} encoder, {row['volumes']} x {tuple(row['roi'])}", row)
+        steps = {kind: step_precision_row(organ, overrides, iters, bf16_iters) for kind, organ, overrides in step_cases()}
+        for kind, row in steps.items():
+            _print_precision_row(f"{kind}: whole {row['config']} step, batch {row['batch_size']}", row)
     finally:
         torch.set_num_threads(default_threads)
-    out["precision"] = per_kind
+    out["precision"], out["precision_steps"] = per_kind, steps
     picks_bf16 = auto_dtype is torch.bfloat16
-    wrong = [k for k, r in per_kind.items() if r["bf16_pays"] != picks_bf16]
+    wrong = [k for k, r in steps.items() if r["bf16_pays"] != picks_bf16]
     out["precision_auto"] = "bfloat16" if picks_bf16 else "float32"
     out["precision_auto_wrong_for"] = wrong
-    if not picks_bf16:
-        print(f"  precision auto keeps float32 here (native bf16: {'yes' if kernels['native_bf16'] else 'no'}); "
-              + ("bf16 would pay (>= 2x) for: " + ", ".join(wrong) if wrong else "bf16 pays for no encoder kind: right"))
-    else:
-        print("  precision auto picks bfloat16 here; "
-              + (f"bf16 is < {BF16_PAYS:.0f}x faster for: " + ", ".join(wrong) if wrong else
-                 f"bf16 is >= {BF16_PAYS:.0f}x faster for every kind: right"))
+    verdict = ("right for every kind" if not wrong else
+               f"bf16 would pay (>= {BF16_PAYS:.0f}x) for: {', '.join(wrong)}" if not picks_bf16 else
+               f"bf16 is < {BF16_PAYS:.0f}x faster for: {', '.join(wrong)}")
+    print(f"  precision auto picks {out['precision_auto']} here (native bf16: "
+          f"{'yes' if kernels['native_bf16'] else 'no'}); judged on the whole steps: {verdict}")
     res["threads"] = out

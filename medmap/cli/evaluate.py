@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="treat this modality as missing in every study (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/metrics/<split>)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="autocast precision of the model (default: the run's training.precision; auto = float32 on CPUs, bf16 on GPUs that have it)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from medmap.engines.evaluate import evaluate_run
 
     m = evaluate_run(args.run_dir, split=args.split, data=args.data, which=args.checkpoint, n_bootstrap=args.bootstrap,
-                     drop_modalities=args.drop_modality, out_dir=args.out, device=args.device)
+                     drop_modalities=args.drop_modality, out_dir=args.out, device=args.device,
+                     precision=args.precision)
     print_summary(f"{args.run_dir} on {args.split}", m,
                   ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece", "flattened_onehot_accuracy"))
     return 0

@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "with the saliency overlay and the lesion box")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="autocast precision of the model (default: the run's training.precision; auto = float32 on CPUs, bf16 on GPUs that have it)")
     p.add_argument("--threads", default="auto", metavar="N|auto",
                    help="PyTorch CPU threads (default auto: the free cores shared with the threads that read the "
                    "sequences in parallel; on an idle 2-core machine that is 1, the fastest measured)")
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     lesion_box = parse_lesion_box(args.lesion_box, args.box_space) or lesion_box
     # the sequences are read, decompressed and resampled by a pool of threads that shares the cores with torch
     configure_threads(args.threads if args.threads == "auto" else int(args.threads), num_workers=1)
-    predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device)
+    predictor = load_run(args.run_dir, which=args.checkpoint, device=args.device, precision=args.precision)
     pred = predictor.predict(paths, study_id=study_id, saliency_dir=None if args.no_saliency else args.out,
                              roi_mask=roi_mask, lesion_box=lesion_box, keep_inputs=args.html)
     if args.html:

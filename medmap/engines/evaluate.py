@@ -34,6 +34,7 @@ def evaluate_run(
     drop_modalities: Sequence[str] = (),
     out_dir: str | Path | None = None,
     device: str = "auto",
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Predict every labelled study of ``split`` and write metrics, report and plots.
 
@@ -47,6 +48,7 @@ def evaluate_run(
         drop_modalities: treat these modalities as missing in every study (robustness test).
         out_dir: default ``RUN_DIR/metrics/<split>`` (``<split>_without_<m>`` when dropping).
         device: ``auto``, ``cpu``, ``cuda``.
+        precision: ``auto|fp32|bf16``; default: the run's training precision.
 
     Returns:
         The metrics dict (also written to ``out_dir/metrics.json``).
@@ -54,7 +56,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    predictor = load_run(run_dir, which=which, device=device)
+    predictor = load_run(run_dir, which=which, device=device, precision=precision)
     organ = predictor.organ
     unknown = [m for m in drop_modalities if m not in organ.modalities]
     if unknown:

@@ -173,16 +173,13 @@ def test_evaluate_writes_every_metric_and_plot(ft_run: Path) -> None:
     assert dropped["n"] == 3
 
 
-@pytest.mark.parametrize("native_bf16", [False, True], ids=["auto=fp32", "auto=bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                             monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
-    # `precision: auto` resolves per CPU; run both resolutions here, whatever this CPU has
-    import medmap.precision
-
-    monkeypatch.setattr(medmap.precision, "bf16_is_fast_on_cpu", lambda: native_bf16)
+                                             precision: str) -> None:
+    # both precisions, whatever this CPU has (auto is float32 on a CPU; bf16 is there to be asked for)
     study = data.parent / "s13"
     rc = main(["predict", str(ft_run), f"t1={study / 't1.nii.gz'}", f"t2={study / 't2.nii.gz'}",
-               "--study-id", "s13", "--out", str(tmp_path / "pred")])
+               "--study-id", "s13", "--out", str(tmp_path / "pred"), "--precision", precision])
     assert rc == 0
     pred = json.loads((tmp_path / "pred" / "s13_prediction.json").read_text())
     assert pred["modalities_used"] == ["t1", "t2"] and set(pred["modalities_missing"]) == {"t1ce", "flair"}
@@ -192,9 +189,9 @@ def test_predict_round_trip_from_nifti_files(ft_run: Path, data: Path, tmp_path:
     assert sal.shape == (16, 16, 16) and np.isfinite(sal.get_fdata()).all()
     assert Path(pred["saliency_png"]).stat().st_size > 1000
     # the API gives the same probabilities as the command line, with or without a saliency map
-    api = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"})
+    api = load_run(ft_run, precision=precision).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"})
     assert api.probabilities == pytest.approx(pred["probabilities"], abs=1e-6)
-    api_sal = load_run(ft_run).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"}, saliency_dir=tmp_path / "sal")
+    api_sal = load_run(ft_run, precision=precision).predict({"t1": study / "t1.nii.gz", "t2": study / "t2.nii.gz"}, saliency_dir=tmp_path / "sal")
     assert api_sal.probabilities == pytest.approx(pred["probabilities"], abs=1e-6)
 
 
