@@ -288,6 +288,7 @@ class CNNTraining:
     select_metric: str = "balanced_accuracy"
     val_every_steps: int = 0        # > 0: also validate every N steps
     eval_batch_size: int | None = None  # studies per forward pass in validation and test; null = 4 x batch_size
+    ema_decay: float | None = None  # as training.ema_decay of the fine-tuning configs
     seed: int = 0
 
 

@@ -333,7 +333,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     Args:
         cfg: ``organ`` (name or YAML path), ``net`` (see :class:`StackedModalityCNN`),
             ``training`` (``epochs``, ``batch_size``, ``lr``, ``weight_decay``,
-            ``warmup_epochs``, ``grad_clip``, ``precision``, ``select_metric``, ``seed``),
+            ``warmup_epochs``, ``grad_clip``, ``precision``, ``select_metric``, ``ema_decay``, ``seed``),
             ``data.augment`` (as in stage 2), ``run.device``.
         study_list: the study list.
         run_dir: run folder; an interrupted run continues from ``checkpoints/last``.
@@ -389,7 +389,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     scheduler = warmup_cosine_schedule(optimizer, int(tcfg.warmup_epochs * steps_per_epoch), total, tcfg.min_lr_ratio)
     plan = LoopPlan(total, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
                     validate_every_epochs=1, validate_every_steps=tcfg.val_every_steps, ckpt_every_epochs=1,
-                    select_metric=tcfg.select_metric)
+                    select_metric=tcfg.select_metric, ema_decay=tcfg.ema_decay)
     loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, DistInfo(device=device), tensorboard=False)
     logger = loop.start(find_checkpoint(run_dir, "last"))
 

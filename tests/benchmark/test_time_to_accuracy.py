@@ -44,3 +44,8 @@ def test_the_densenet_config_is_a_valid_cnn_baseline_config() -> None:
     cfg = cnn_config("liver", 50)
     typed = parse_run_config(cfg, "cnn_baseline")
     assert typed.training.val_every_steps == 50 and typed.net["name"] == "DenseNet"
+    # the baseline follows the task's recipe, weight averaging included
+    from medmap.config import load_config
+    from medmap.run_config import finetune_config
+
+    assert typed.training.ema_decay == finetune_config(load_config("liver", "finetune")).training.ema_decay
