@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 #: Paper-grid DenseNet (``configs/experiments/paper_grid.yaml``, row ``cnn``).
 DENSENET = {"name": "DenseNet", "init_features": 16, "growth_rate": 8, "block_config": [2, 2], "norm": "instance"}
@@ -81,10 +81,12 @@ def watch_run(cmd: list[str], run_dir: Path, threshold: float, cap_s: float, log
 
 
 def _finetune_cmd(task: str, data: Path, run_dir: Path, init: Path | None, threads: int | None,
-                  val_every_steps: int) -> list[str]:
+                  val_every_steps: int, overrides: Sequence[str] = ()) -> list[str]:
     config, _ = TASKS[task]
     cmd = [sys.executable, "-m", "medmap.cli.main", "finetune", "--data", str(data), "--config", config,
            "--out", str(run_dir), "--set", "run.progress=false", "--set", f"training.val_every_steps={val_every_steps}"]
+    for item in overrides:
+        cmd += ["--set", item]
     if threads:
         cmd += ["--set", f"run.threads={threads}"]
     if init is not None:
@@ -94,13 +96,14 @@ def _finetune_cmd(task: str, data: Path, run_dir: Path, init: Path | None, threa
     return cmd
 
 
-def cnn_config(task: str, val_every_steps: int) -> dict[str, Any]:
+def cnn_config(task: str, val_every_steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The DenseNet baseline's config: the task's stage-2 schedule, augmentation and weight
-    averaging (``training.ema_decay``), lr 1e-3 (as in paper_grid)."""
+    averaging (``training.ema_decay``), with ``overrides`` of the fine-tuning config applied;
+    lr 1e-3 (as in paper_grid)."""
     from medmap.config import load_config
     from medmap.run_config import finetune_config
 
-    ft = finetune_config(load_config(TASKS[task][0], "finetune"))
+    ft = finetune_config(load_config(TASKS[task][0], "finetune", list(overrides)))
     t = ft.training
     return {"organ": TASKS[task][1], "net": dict(DENSENET),
             "training": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": 1.0e-3, "weight_decay": 0.01,
@@ -138,7 +141,8 @@ def section_time_to_accuracy(res: dict[str, Any], args: argparse.Namespace) -> N
     import tempfile
 
     threshold, cap_s = float(args.tta_threshold), 60.0 * float(args.tta_cap_min)
-    out: dict[str, Any] = {"threshold": threshold, "cap_s": cap_s, "threads": args.threads}
+    overrides = list(getattr(args, "tta_set", None) or [])
+    out: dict[str, Any] = {"threshold": threshold, "cap_s": cap_s, "threads": args.threads, "overrides": overrides}
     work = Path(args.tta_work or tempfile.mkdtemp(prefix="medmap-tta-"))
     work.mkdir(parents=True, exist_ok=True)
     for task in ("liver", "brain"):
@@ -147,17 +151,19 @@ def section_time_to_accuracy(res: dict[str, Any], args: argparse.Namespace) -> N
             print(f"\n== Time to accuracy, {task}: skipped (give --tta-{task} STUDY_LIST) ==")
             continue
         data, init = Path(data), getattr(args, f"tta_{task}_init")
-        print(f"\n== Time to accuracy, {task} ({data}; cap {cap_s / 60:g} min, threads {args.threads or 'default'}) ==")
+        print(f"\n== Time to accuracy, {task} ({data}; cap {cap_s / 60:g} min, threads {args.threads or 'default'}"
+              + (f"; {' '.join(overrides)}" if overrides else "") + ") ==")
         warm = warm_cache(data, task)
         print(f"  preprocessing cache warmed in {warm:.0f} s (not counted below)")
         every = int(args.tta_val_every_steps)
         medmap_dir, cnn_dir = work / f"{task}_medmap", work / f"{task}_densenet"
-        medmap = watch_run(_finetune_cmd(task, data, medmap_dir, Path(init) if init else None, args.threads, every),
+        medmap = watch_run(_finetune_cmd(task, data, medmap_dir, Path(init) if init else None, args.threads, every,
+                                         overrides),
                            medmap_dir, threshold, cap_s, work / f"{task}_medmap.log")
         label = f"MedMAP ({'stage-1 init' if init else 'random init'})"
         print(_row(label, medmap, threshold))
         cfg_path = work / f"{task}_densenet.json"
-        cfg_path.write_text(json.dumps(cnn_config(task, every)), encoding="utf-8")
+        cfg_path.write_text(json.dumps(cnn_config(task, every, overrides)), encoding="utf-8")
         cnn_cmd = [sys.executable, "-m", "medmap.benchmark.time_to_accuracy", str(cfg_path), str(data), str(cnn_dir)]
         if args.threads:
             cnn_cmd += ["--threads", str(args.threads)]

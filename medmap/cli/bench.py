@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tta.add_argument("--tta-cap-min", type=float, default=10.0, help="minutes allowed per run (10)")
     tta.add_argument("--tta-val-every-steps", type=int, default=50, help="validate every N steps (50)")
     tta.add_argument("--tta-work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    tta.add_argument("--tta-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a value of the task's fine-tuning config, e.g. training.ema_decay=0.99 "
+                     "(repeatable); the DenseNet follows the training values it shares (schedule, "
+                     "augmentation, weight averaging)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
