@@ -7,9 +7,9 @@ bfloat16 is picked where it pays, which the project counts as a training step at
 
 * CPUs without native bfloat16 (AVX2, plain AVX-512) emulate it: 3-13x *slower* than float32;
 * a CPU with native bfloat16 (AVX-512 BF16, AMD EPYC Zen 5; ``medmap bench --sections threads``,
-  2026-12-02) runs a bfloat16 matmul 3.9x faster, but a whole fine-tuning step only 0.65-0.7x
-  as fast (liver, ``cnn_patch`` encoders), 1.1-1.6x (brain, ``cnn_brain``) and 1.5-1.9x
-  (``vit_small``) in repeated runs: the 3D convolutions, normalisations and casts gain little;
+  2026-12-02) runs a bfloat16 matmul about 4x faster, but a whole fine-tuning step only
+  0.65-0.9x as fast (liver, ``cnn_patch`` encoders), 0.97-1.13x (brain, ``cnn_brain``) and
+  1.64-1.92x (``vit_small``) in three runs: the 3D convolutions, norms and casts gain little;
 * on an AMX Xeon the brain fine-tuning step ran at 5.5 studies/s in bfloat16 against 5.9 in
   float32 (issue 21).
 
@@ -40,7 +40,7 @@ def bf16_is_fast_on_cpu() -> bool:
 
     On CPUs without them, bfloat16 matmuls are emulated and far slower than float32 (measured
     on an AVX2-only AMD EPYC: 0.3 vs 129 GFLOP/s); with them, a bfloat16 matmul is several
-    times faster (AVX-512 BF16 EPYC: 679 vs 173 GFLOP/s), though a MedMAP step is not (see the
+    times faster (AVX-512 BF16 EPYC: 679-802 vs 173-191 GFLOP/s), though a MedMAP step is not (see the
     module docstring). Reported by ``medmap bench``.
     """
     flags = cpu_flags()
