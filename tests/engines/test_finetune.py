@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
+import math
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -104,6 +108,29 @@ def test_an_undefined_selection_metric_still_leaves_a_best_checkpoint(data: Path
     summary = run_finetuning(_ft_cfg(data, **{"training.select_metric": "macro_auc", "training.epochs": 1}), data, out)
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file() and summary["best_epoch"] == 0
     evaluate_run(out, split="test", n_bootstrap=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetuning_trains_in_either_precision(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               precision: str) -> None:
+    # whatever this CPU has: auto is float32 on a CPU, bf16 is there to be asked for
+    import medmap.engines.trainer as trainer
+
+    seen: list[bool] = []  # was bf16 autocast on inside each training forward pass?
+    real = trainer.autocast_context
+
+    @contextlib.contextmanager
+    def spy(prec: str, device: torch.device) -> Iterator[None]:
+        with real(prec, device):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            yield
+
+    monkeypatch.setattr(trainer, "autocast_context", spy)
+    out = tmp_path / "run"
+    summary = run_finetuning(_ft_cfg(data, **{"training.precision": precision, "training.epochs": 1}), data, out)
+    assert summary["steps"] == 4 and len(seen) == 4 and set(seen) == {precision == "bf16"}
+    losses = [float(r["loss"]) for r in csv.DictReader((out / "log.csv").open()) if r.get("loss")]
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 @pytest.mark.parametrize("ema", [None, 0.9])
