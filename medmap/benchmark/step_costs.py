@@ -8,7 +8,8 @@ config's shapes (8 phases of 24 x 24 x 16 voxels, batch 8):
 * the optimiser step of the liver model: PyTorch's default AdamW (a loop per parameter),
   the multi-tensor (``foreach``) one and the fused one that the engines use (:func:`build_adamw`);
 * a whole training step with the model's dropout at 0.1 and at 0 (the liver default);
-* validation forward passes per study at batch 8 and at the default 4 x 8.
+* validation forward passes per study at the training batch and at the default validation
+  batch (``training.eval_batch_size``: 4 x 8).
 
 Figures are printed and stored in ``res["step_costs"]``; nothing is asserted.
 """
@@ -22,6 +23,7 @@ import torch
 
 from medmap.benchmark.sections import FinetuneSetup, time_calls
 from medmap.data.augment import build_augmentation
+from medmap.run_config import eval_batch_size, finetune_config
 
 #: every transform on, with the liver config's strengths
 ALL_ON = {"flip": {"prob": 1.0}, "affine": {"prob": 1.0, "degrees": 8, "scales": 0.08, "translation_mm": 4},
@@ -78,11 +80,13 @@ def _dropout_and_validation(iters: int) -> dict[str, float]:
         batch = setup.random_batch()
         out[f"step_dropout_{dropout}_ms"] = 1000 * time_calls(lambda: setup.step(*batch), iters)["median_s"]
     setup.model.eval()
-    for b in (setup.batch_size, 4 * setup.batch_size):
+    batches = {"training": setup.batch_size, "default": eval_batch_size(finetune_config(setup.cfg).training)}
+    for name, b in batches.items():
         images, present, _ = setup.random_batch(b)
         with torch.no_grad():
             t = time_calls(lambda: setup.model(images, present, setup.bank), iters)["median_s"]
         out[f"validation_batch_{b}_ms_per_study"] = 1000 * t / b
+    out["validation_batches"] = batches
     return out
 
 
@@ -98,6 +102,7 @@ def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
           f"fused {opt['fused_ms']:.0f} ms (the engines)")
     print(f"  training step:  dropout 0.1 {rest['step_dropout_0.1_ms']:.0f} ms, "
           f"dropout 0 {rest['step_dropout_0.0_ms']:.0f} ms (the liver default)")
-    print(f"  validation forward per study:  batch 8 {rest['validation_batch_8_ms_per_study']:.1f} ms, "
-          f"batch 32 {rest['validation_batch_32_ms_per_study']:.1f} ms (the default)")
+    b_train, b_default = rest["validation_batches"]["training"], rest["validation_batches"]["default"]
+    print(f"  validation forward per study:  batch {b_train} {rest[f'validation_batch_{b_train}_ms_per_study']:.1f} ms, "
+          f"batch {b_default} {rest[f'validation_batch_{b_default}_ms_per_study']:.1f} ms (the default)")
     res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest}

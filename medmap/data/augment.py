@@ -242,10 +242,10 @@ def bias_field(shape: tuple[int, ...] | torch.Size, coefficients: float, gen: to
     """
     axes = [torch.linspace(-1.0, 1.0, int(n), dtype=torch.float64) for n in shape]
     xx, yy, zz = torch.meshgrid(*axes, indexing="ij")
+    px, py, pz = ([v**i for i in range(order + 1)] for v in (xx, yy, zz))  # powers, computed once
     log_field = torch.zeros(tuple(int(n) for n in shape), dtype=torch.float64)
     for i in range(order + 1):
         for j in range(order + 1 - i):
             for k in range(order + 1 - i - j):
-                coef = (2 * float(torch.rand((), generator=gen, dtype=torch.float64)) - 1) * coefficients
-                log_field += coef * xx**i * yy**j * zz**k
+                log_field += _uniform(gen, coefficients) * px[i] * py[j] * pz[k]
     return torch.exp(log_field).to(torch.float32)
