@@ -1,7 +1,7 @@
 """Modality-aware 3D vision encoders ``E_m``: one network per MRI modality.
 
 Architectures are data: ``medmap/configs/encoders/<name>.yaml`` (or any YAML path, or a
-dict) names a ``type`` (``vit`` or ``cnn``) and its sizes. :func:`build_encoders` builds
+dict) names a ``type`` (``vit``, ``cnn`` or ``densenet``) and its sizes. :func:`build_encoders` builds
 one encoder per modality with separate weights (the MedMAP design) or, with
 ``shared=True``, a single trunk used for every modality (the ablation "without
 modality-aware encoders").
@@ -305,7 +305,98 @@ class CNN3DEncoder(nn.Module):
         return self.tokens_from(self.stages(x))
 
 
-ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder}
+class DenseNet3DEncoder(nn.Module):
+    """A small 3D DenseNet (MONAI ``DenseNet`` feature layers) for one sequence.
+
+    MONAI's DenseNet trunk: a 7 x 7 x 7 stride-2 stem and a stride-2 max pool, then dense
+    blocks (each layer ``norm -> ReLU -> 1x1x1 conv -> norm -> ReLU -> 3x3x3 conv`` whose
+    output is concatenated to its input) separated by transitions that halve the grid; a
+    final norm and ReLU, then a 1x1x1 convolution to the token width ``dim`` and a layer norm,
+    as :class:`CNN3DEncoder`. Overall stride ``4 * 2 ** (len(block_config) - 1)``: 8 with two
+    blocks, so 40 x 48 x 40 voxels give a 5 x 6 x 5 token grid.
+
+    On the whole-brain task the residual :class:`CNN3DEncoder` stayed near chance for
+    hundreds of steps where this trunk learnt at once, in MedMAP and as an early-fusion CNN
+    alike (docs/results.md, "What made the brain model learn"): its wide stem sees a
+    tumour with its surroundings from the first layer.
+
+    Stages (for :class:`~medmap.models.exchange.CrossSequenceExchange`): the stem, then one
+    per dense block (with the transition that follows it, or the final norm).
+
+    Args:
+        init_features: channels of the stem.
+        growth_rate: channels each dense layer adds.
+        block_config: dense layers per block.
+        bn_size: bottleneck width of a dense layer, as a multiple of ``growth_rate``.
+        dim: token width.
+        norm: MONAI norm name (``instance``, ``batch``, ...).
+        dropout: dropout rate inside the dense layers.
+        pool: ``mean``, ``max``, ``grid`` or ``attention`` pooling of the tokens into ``z_m``.
+        pool_grid: cells of the ``grid`` pool.
+        in_channels: input channels (1 for one sequence).
+
+    Example:
+        >>> enc = DenseNet3DEncoder(init_features=8, growth_rate=4, dim=16)
+        >>> out = enc(torch.zeros(2, 1, 40, 48, 40))
+        >>> out.grid, out.tokens.shape, enc.stage_channels
+        ((5, 6, 5), torch.Size([2, 150, 16]), [8, 8, 16])
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | None = None,
+        init_features: int = 16,
+        growth_rate: int = 8,
+        block_config: Sequence[int] = (2, 2),
+        bn_size: int = 4,
+        dim: int = 64,
+        norm: str = "instance",
+        dropout: float = 0.0,
+        pool: str = "max",
+        pool_grid: Sequence[int] = (2, 2, 2),
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        from monai.networks.nets import DenseNet
+
+        if not block_config or min(int(n) for n in block_config) < 1:
+            raise ConfigError("densenet: 'block_config' must list at least one block of at least one layer")
+        self.pooling = TokenPool(pool, dim, pool_grid)
+        self.dim = dim
+        net = DenseNet(spatial_dims=3, in_channels=int(in_channels), out_channels=1, init_features=int(init_features),
+                       growth_rate=int(growth_rate), block_config=tuple(int(n) for n in block_config),
+                       bn_size=int(bn_size), norm=norm, dropout_prob=float(dropout))
+        layers = dict(net.features.named_children())
+        stages = [nn.Sequential(*(layers[k] for k in ("conv0", "norm0", "relu0", "pool0")))]
+        for i in range(1, len(block_config) + 1):
+            tail = layers.get(f"transition{i}") or nn.Sequential(layers["norm5"], nn.ReLU())  # MONAI names the final norm norm5
+            stages.append(nn.Sequential(layers[f"denseblock{i}"], tail))
+        self.stages = nn.ModuleList(stages)
+        self.stage_channels = [int(init_features)]  # MONAI's DenseNet: a block adds growth per layer, a transition halves
+        for i, n in enumerate(block_config):
+            grown = self.stage_channels[-1] + int(n) * int(growth_rate)
+            self.stage_channels.append(grown // 2 if i < len(block_config) - 1 else grown)
+        self.stride = 4 * 2 ** (len(block_config) - 1)
+        self.to_tokens = nn.Conv3d(self.stage_channels[-1], dim, kernel_size=1)
+        self.norm = nn.LayerNorm(dim)
+
+    def run_stage(self, i: int, x: Tensor) -> Tensor:
+        """Stage ``i`` alone (``stage_channels[i]`` output channels)."""
+        return self.stages[i](x)
+
+    def tokens_from(self, features: Tensor) -> EncoderOutput:
+        """Tokens, grid and pooled vector from the last stage's feature map."""
+        tokens, grid = _grid_tokens(self.to_tokens(features))
+        tokens = self.norm(tokens)
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
+
+    def forward(self, x: Tensor) -> EncoderOutput:
+        for stage in self.stages:
+            x = stage(x)
+        return self.tokens_from(x)
+
+
+ARCH_TYPES: dict[str, type[nn.Module]] = {"vit": ViT3DEncoder, "cnn": CNN3DEncoder, "densenet": DenseNet3DEncoder}
 
 
 def load_arch(arch: str | Path | Mapping[str, Any]) -> dict[str, Any]:

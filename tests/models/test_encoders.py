@@ -136,3 +136,27 @@ def test_attention_pooling_weights_tokens_by_a_learned_score() -> None:
     assert enc.pooling.score.weight.grad is not None and enc.pooling.score.weight.grad.abs().sum() > 0
     # other poolings have no score parameters, so their checkpoints are unchanged
     assert not any("score" in k for k in build_encoder({"type": "cnn", "channels": [8], "dim": 8}, (16, 16, 16)).state_dict())
+
+
+def test_densenet_encoder_stages_and_tokens() -> None:
+    """The DenseNet trunk gives the brain ROI's 5 x 6 x 5 grid, and each stage's stated
+    channels are those its output has (the cross-sequence exchange is sized from them)."""
+    enc = build_encoder("densenet_brain", (40, 48, 40))
+    x = torch.randn(2, 1, 40, 48, 40)
+    feats = x
+    for i, channels in enumerate(enc.stage_channels):
+        feats = enc.run_stage(i, feats)
+        assert feats.shape[1] == channels
+    out = enc(x)
+    assert out.grid == (5, 6, 5) and out.tokens.shape == (2, 150, enc.dim) and enc.stride == 8
+    assert torch.allclose(enc.tokens_from(feats).tokens, out.tokens, atol=1e-6)
+    three = build_encoder({"type": "densenet", "init_features": 8, "growth_rate": 4, "block_config": [1, 2, 1],
+                           "dim": 16}, (32, 32, 32))
+    assert three.stride == 16 and three(torch.randn(1, 1, 32, 32, 32)).grid == (2, 2, 2)
+
+
+def test_densenet_encoder_rejects_an_empty_block_config() -> None:
+    with pytest.raises(ConfigError, match="block_config"):
+        build_encoder({"type": "densenet", "block_config": []}, (32, 32, 32))
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        build_encoder({"type": "densenet", "channels": [8]}, (32, 32, 32))

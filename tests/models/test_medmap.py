@@ -302,11 +302,17 @@ def test_token_fusion_is_checked():
         MedMAPModelConfig(token_fusion="voxel")
 
 
-def test_sequence_exchange_starts_as_separate_encoders_and_then_mixes():
+DENSENET = {"type": "densenet", "init_features": 4, "growth_rate": 2, "block_config": [1], "dim": 16}  # stride 4: the 2 x 2 x 3 grid
+
+
+@pytest.mark.parametrize("arch", [None, DENSENET], ids=["cnn", "densenet"])
+def test_sequence_exchange_starts_as_separate_encoders_and_then_mixes(arch):
     """Zero-initialised, the exchange leaves every encoder as it was (stage-1 weights act
     unchanged); once trained, a sequence's tokens depend on the other sequences."""
     organ = make_organ(3)
     cfg = make_run_config()
+    if arch is not None:
+        cfg["encoder"] = {"arch": arch}
     plain = build_medmap_classifier(organ, cfg, TEXT_DIM).eval()
     cfg["model"] = {**cfg["model"], "sequence_exchange": True}
     mixed = build_medmap_classifier(organ, cfg, TEXT_DIM).eval()
