@@ -8,7 +8,7 @@ Two tables (``python -m medmap.benchmark --sections threads``):
   subprocess spins one core ("busy"), with the fastest setting and whether ``auto`` chose it;
 * which CPU kernel paths this machine offers (ISA, oneDNN, native bf16: ``machine_info()``),
   which convolution kernel the CNN encoders actually ran, and one encoder training step
-  (one study's volumes, forward + backward) per encoder kind (``cnn_patch``, ``cnn_brain``,
+  (one study's volumes, forward + backward) per encoder kind (``cnn_patch``, the brain config's ``densenet_brain``,
   ``vit_small``) in float32 and in bfloat16 autocast, plus the whole fine-tuning step of a
   config per encoder kind in both: the evidence for ``precision: auto`` (float32 on CPUs; bf16
   would have to make the step at least 2x faster to pay, :data:`medmap.precision.BF16_PAYS`).
@@ -52,8 +52,9 @@ def encoder_cases() -> list[tuple[str, Any, tuple[int, ...], int]]:
     liver = load_organ_config(load_config("liver", "finetune")["organ"])
     brain = load_organ_config(load_config("brain", "finetune")["organ"])
     brain_1mm = load_organ_config("brain")  # vit_small's 16^3 patches tile the 80x96x80 brain ROI
+    brain_arch = str(load_config("brain", "finetune")["encoder"]["arch"])
     return [("cnn_patch", "cnn_patch", tuple(liver.roi_size), len(liver.modalities)),
-            ("cnn_brain", "cnn_brain", tuple(brain.roi_size), len(brain.modalities)),
+            (brain_arch, brain_arch, tuple(brain.roi_size), len(brain.modalities)),
             ("vit_small", "vit_small", tuple(brain_1mm.roi_size), len(brain_1mm.modalities))]
 
 
@@ -64,7 +65,8 @@ def step_cases() -> list[tuple[str, str, list[str]]]:
     sequence tokens fused by sequence: the sequence exchange needs CNN encoders.
     """
     vit = ["encoder.arch=vit_small", "organ=brain", "model.sequence_exchange=false", "model.token_fusion=sequence"]
-    return [("cnn_patch", "liver", []), ("cnn_brain", "brain", []), ("vit_small", "brain", vit)]
+    brain_arch = str(load_config("brain", "finetune")["encoder"]["arch"])
+    return [("cnn_patch", "liver", []), (brain_arch, "brain", []), ("vit_small", "brain", vit)]
 
 
 @contextlib.contextmanager
