@@ -9,7 +9,9 @@ config's shapes (8 phases of 24 x 24 x 16 voxels, batch 8):
   the multi-tensor (``foreach``) one and the fused one that the engines use (:func:`build_adamw`);
 * a whole training step with the model's dropout at 0.1 and at 0 (the liver default);
 * validation forward passes per study at the training batch and at the default validation
-  batch (``training.eval_batch_size``: 4 x 8).
+  batch (``training.eval_batch_size``: 4 x 8);
+* the brain model's validation forward per study with the DenseNet trunks' max pool as
+  :class:`~medmap.models.encoders.SeparableMaxPool3d` (the default) and as ``nn.MaxPool3d``.
 
 Figures are printed and stored in ``res["step_costs"]``; nothing is asserted.
 """
@@ -90,6 +92,29 @@ def _dropout_and_validation(iters: int) -> dict[str, float]:
     return out
 
 
+def _brain_max_pool(iters: int) -> dict[str, float]:
+    """Brain validation forward per study: the separable max pool against ``nn.MaxPool3d``."""
+    from torch import nn
+
+    from medmap.models.encoders import SeparableMaxPool3d
+
+    setup = FinetuneSetup("brain")
+    setup.model.eval()
+    b = eval_batch_size(finetune_config(setup.cfg).training)
+    images, present, _ = setup.random_batch(b)
+    pools = [(stage, i) for enc in setup.model.encoders.modules() if hasattr(enc, "stages")
+             for stage in enc.stages for i, layer in enumerate(stage) if isinstance(layer, SeparableMaxPool3d)]
+    out: dict[str, float] = {"batch": b, "pools": len(pools)}
+    for name in ("separable", "native"):
+        if name == "native":
+            for stage, i in pools:
+                stage[i] = nn.MaxPool3d(stage[i].kernel_size, stage[i].stride, stage[i].padding)
+        with torch.no_grad():
+            t = time_calls(lambda: setup.model(images, present, setup.bank), iters)["median_s"]
+        out[f"{name}_ms_per_study"] = 1000 * t / b
+    return out
+
+
 def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
     """Augmentation, optimiser, dropout and validation batch costs of the liver fine-tuning step."""
     iters = max(3, int(args.iters))
@@ -105,4 +130,7 @@ def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
     b_train, b_default = rest["validation_batches"]["training"], rest["validation_batches"]["default"]
     print(f"  validation forward per study:  batch {b_train} {rest[f'validation_batch_{b_train}_ms_per_study']:.1f} ms, "
           f"batch {b_default} {rest[f'validation_batch_{b_default}_ms_per_study']:.1f} ms (the default)")
-    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest}
+    pool = _brain_max_pool(iters)
+    print(f"  brain validation forward per study (batch {pool['batch']:.0f}):  separable max pool "
+          f"{pool['separable_ms_per_study']:.1f} ms (the default), nn.MaxPool3d {pool['native_ms_per_study']:.1f} ms")
+    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest, "brain_max_pool": pool}

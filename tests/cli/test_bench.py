@@ -101,3 +101,11 @@ def test_step_costs_section_is_registered_and_its_augmentation_timing_runs() -> 
     assert times["medmap_ms"] > 0 and times["torchio_ms"] > 0
     out = step_costs._torchio_augment(step_costs._lesion_study())
     assert out.shape == (8, 24, 24, 16)
+
+
+def test_step_costs_times_the_brain_trunks_with_both_max_pools() -> None:
+    from medmap.benchmark import step_costs
+
+    pool = step_costs._brain_max_pool(1)
+    assert pool["pools"] == 4  # one per sequence's DenseNet trunk
+    assert pool["separable_ms_per_study"] > 0 and pool["native_ms_per_study"] > 0

@@ -160,3 +160,19 @@ def test_densenet_encoder_rejects_an_empty_block_config() -> None:
         build_encoder({"type": "densenet", "block_config": []}, (32, 32, 32))
     with pytest.raises(ConfigError, match="unexpected keyword"):
         build_encoder({"type": "densenet", "channels": [8]}, (32, 32, 32))
+
+
+@pytest.mark.parametrize("size", [(9, 8, 7), (10, 12, 10), (5, 5, 6)])
+def test_separable_max_pool_equals_max_pool3d(size: tuple[int, int, int]) -> None:
+    """Without gradients the three 1D maxima give exactly nn.MaxPool3d's result; with
+    gradients the native kernel runs, so training gets its gradients."""
+    from medmap.models.encoders import SeparableMaxPool3d
+
+    x = torch.randn(2, 3, *size)
+    ours, native = SeparableMaxPool3d(3, 2, 1), torch.nn.MaxPool3d(3, 2, 1)
+    with torch.no_grad():
+        assert torch.equal(ours(x), native(x))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(xa).square().sum().backward()
+    native(xb).square().sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
