@@ -401,7 +401,8 @@ class DenseNet3DEncoder(nn.Module):
         layers["pool0"] = SeparableMaxPool3d(pool0.kernel_size, pool0.stride, pool0.padding)
         stages = [nn.Sequential(*(layers[k] for k in ("conv0", "norm0", "relu0", "pool0")))]
         for i in range(1, len(block_config) + 1):
-            tail = layers.get(f"transition{i}") or nn.Sequential(layers["norm5"], nn.ReLU())  # MONAI names the final norm norm5
+            last = i == len(block_config)  # MONAI names the final norm norm5, whatever the block count
+            tail = nn.Sequential(layers["norm5"], nn.ReLU()) if last else layers[f"transition{i}"]
             stages.append(nn.Sequential(layers[f"denseblock{i}"], tail))
         self.stages = nn.ModuleList(stages)
         self.stage_channels = [int(init_features)]  # MONAI's DenseNet: a block adds growth per layer, a transition halves

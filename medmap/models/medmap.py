@@ -247,7 +247,7 @@ class MedMAPClassifier(nn.Module):
         if cfg.sequence_exchange:
             first = encoders.encoder_for(self.modalities[0])
             if not hasattr(first, "run_stage"):
-                raise ConfigError("model.sequence_exchange needs CNN encoders (encoder.arch type: cnn)")
+                raise ConfigError("model.sequence_exchange needs CNN encoders (encoder.arch type: cnn or densenet)")
             self.exchange = CrossSequenceExchange(first.stage_channels, m)
         self.location_fusion: nn.Sequential | None = None
         if cfg.token_fusion == "location" and cfg.use_cct:
