@@ -102,13 +102,13 @@ def _brain_max_pool(iters: int) -> dict[str, float]:
     setup.model.eval()
     b = eval_batch_size(finetune_config(setup.cfg).training)
     images, present, _ = setup.random_batch(b)
-    pools = [(stage, i) for enc in setup.model.encoders.modules() if hasattr(enc, "stages")
-             for stage in enc.stages for i, layer in enumerate(stage) if isinstance(layer, SeparableMaxPool3d)]
+    pools = [(parent, name, child) for parent in setup.model.modules()
+             for name, child in parent.named_children() if isinstance(child, SeparableMaxPool3d)]
     out: dict[str, float] = {"batch": b, "pools": len(pools)}
     for name in ("separable", "native"):
         if name == "native":
-            for stage, i in pools:
-                stage[i] = nn.MaxPool3d(stage[i].kernel_size, stage[i].stride, stage[i].padding)
+            for parent, child_name, pool in pools:
+                setattr(parent, child_name, nn.MaxPool3d(pool.kernel_size, pool.stride, pool.padding))
         with torch.no_grad():
             t = time_calls(lambda: setup.model(images, present, setup.bank), iters)["median_s"]
         out[f"{name}_ms_per_study"] = 1000 * t / b

@@ -225,7 +225,23 @@ class ViT3DEncoder(nn.Module):
         return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
 
 
-class CNN3DEncoder(nn.Module):
+class StagedConvEncoder(nn.Module):
+    """What the convolutional encoders share: stages that models can run one at a time
+    (``run_stage``, for the cross-sequence exchange), then a 1x1x1 convolution to the token
+    width, a layer norm and the pooling. Subclasses set ``to_tokens``, ``norm`` and ``pooling``."""
+
+    to_tokens: nn.Conv3d
+    norm: nn.LayerNorm
+    pooling: TokenPool
+
+    def tokens_from(self, features: Tensor) -> EncoderOutput:
+        """Tokens, grid and pooled vector from the last stage's feature map."""
+        tokens, grid = _grid_tokens(self.to_tokens(features))
+        tokens = self.norm(tokens)
+        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
+
+
+class CNN3DEncoder(StagedConvEncoder):
     """A small 3D residual CNN (MONAI ``ResidualUnit`` stages, each of stride 2).
 
     Args:
@@ -295,12 +311,6 @@ class CNN3DEncoder(nn.Module):
             x = layer(x)
         return x
 
-    def tokens_from(self, features: Tensor) -> EncoderOutput:
-        """Tokens, grid and pooled vector from the last stage's feature map."""
-        tokens, grid = _grid_tokens(self.to_tokens(features))
-        tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
-
     def forward(self, x: Tensor) -> EncoderOutput:
         return self.tokens_from(self.stages(x))
 
@@ -335,7 +345,7 @@ class SeparableMaxPool3d(nn.Module):
         return x
 
 
-class DenseNet3DEncoder(nn.Module):
+class DenseNet3DEncoder(StagedConvEncoder):
     """A small 3D DenseNet (MONAI ``DenseNet`` feature layers) for one sequence.
 
     MONAI's DenseNet trunk: a 7 x 7 x 7 stride-2 stem and a stride-2 max pool, then dense
@@ -416,12 +426,6 @@ class DenseNet3DEncoder(nn.Module):
     def run_stage(self, i: int, x: Tensor) -> Tensor:
         """Stage ``i`` alone (``stage_channels[i]`` output channels)."""
         return self.stages[i](x)
-
-    def tokens_from(self, features: Tensor) -> EncoderOutput:
-        """Tokens, grid and pooled vector from the last stage's feature map."""
-        tokens, grid = _grid_tokens(self.to_tokens(features))
-        tokens = self.norm(tokens)
-        return EncoderOutput(tokens=tokens, grid=grid, pooled=self.pooling(tokens, grid))
 
     def forward(self, x: Tensor) -> EncoderOutput:
         for stage in self.stages:
