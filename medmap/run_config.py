@@ -207,6 +207,7 @@ class FinetuneData:
     cache_dir: str | None = None    # null = <study list folder>/.medmap_cache
     labels_per_class: int | None = None  # label-efficiency runs: this many labelled studies per class
     augment: dict[str, Any] | None = None  # medmap.data.augment (checked there); null = none
+    stratified_batches: bool = False  # every training batch holds the classes in their proportions
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ class CNNTraining:
 class CNNData:
     augment: dict[str, Any] | None = None
     labels_per_class: int | None = None
+    stratified_batches: bool = False  # as data.stratified_batches of the fine-tuning configs
 
 
 @dataclass(frozen=True)

@@ -97,8 +97,8 @@ def _finetune_cmd(task: str, data: Path, run_dir: Path, init: Path | None, threa
 
 
 def cnn_config(task: str, val_every_steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The DenseNet baseline's config: the task's stage-2 schedule, augmentation and weight
-    averaging (``training.ema_decay``), with ``overrides`` of the fine-tuning config applied;
+    """The DenseNet baseline's config: the task's stage-2 schedule, augmentation, batch
+    stratification and weight averaging (``training.ema_decay``), with ``overrides`` of the fine-tuning config applied;
     lr 1e-3 (as in paper_grid)."""
     from medmap.config import load_config
     from medmap.run_config import finetune_config
@@ -109,7 +109,7 @@ def cnn_config(task: str, val_every_steps: int, overrides: Sequence[str] = ()) -
             "training": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": 1.0e-3, "weight_decay": 0.01,
                          "warmup_epochs": t.warmup_epochs, "grad_clip": t.grad_clip, "precision": t.precision,
                          "val_every_steps": val_every_steps, "ema_decay": t.ema_decay, "seed": t.seed},
-            "data": {"augment": ft.data.augment}}
+            "data": {"augment": ft.data.augment, "stratified_batches": ft.data.stratified_batches}}
 
 
 def warm_cache(data: Path, task: str) -> float:

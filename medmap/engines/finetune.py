@@ -205,7 +205,8 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
     groups = model.parameter_groups(tcfg.lr, tcfg.weight_decay, tcfg.encoder_lr_scale if pretrained else 1.0)
     optimizer = build_adamw(groups, lr=tcfg.lr, betas=tcfg.betas)
     batch_size, val_batch = tcfg.batch_size, eval_batch_size(tcfg)
-    sampler = OrganBatchSampler([organ.name] * len(train), batch_size, info.world_size, info.rank, seed)
+    sampler = OrganBatchSampler([organ.name] * len(train), batch_size, info.world_size, info.rank, seed,
+                                labels=train_labels if dcfg.stratified_batches else None)
     steps_per_epoch = sampler.steps_per_epoch()
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train)} training studies are too few for one batch on each of {info.world_size} ranks")

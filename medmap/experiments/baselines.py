@@ -383,7 +383,8 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     labels = np.array([train_ds.label_index(s) for s in splits["train"]])
     loss_fn = nn.CrossEntropyLoss(weight=class_weights_from_labels(labels, organ.num_classes).float().to(device))
     optimizer = build_adamw(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sampler = OrganBatchSampler([organ.name] * len(train_ds), bs, 1, 0, seed)
+    sampler = OrganBatchSampler([organ.name] * len(train_ds), bs, 1, 0, seed,
+                                labels=labels if typed.data.stratified_batches else None)
     steps_per_epoch = sampler.steps_per_epoch()
     total = tcfg.epochs * steps_per_epoch
     scheduler = warmup_cosine_schedule(optimizer, int(tcfg.warmup_epochs * steps_per_epoch), total, tcfg.min_lr_ratio)

@@ -186,6 +186,7 @@ class ExperimentGrid:
         training = {**training, **(row.options.get("training") or {}), "seed": int(seed)}
         return {"organ": ft["organ"], "net": copy.deepcopy(row.options.get("net") or {"name": "DenseNet121"}),
                 "training": training, "data": {"augment": (ft.get("data") or {}).get("augment"),
+                                               "stratified_batches": bool((ft.get("data") or {}).get("stratified_batches")),
                                                "labels_per_class": self.labels_per_class(row, regime)},
                 "run": {"device": self.device}}
 

@@ -360,3 +360,19 @@ def test_a_bad_validation_file_stops_the_run_before_the_first_step(data: Path, t
         run_finetuning(_ft_cfg(copy / data.name), copy / data.name, out)
     assert bad.name in str(e.value) and val["study_id"] in str(e.value) and "\n" not in str(e.value)
     assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()
+
+
+def test_stratified_batches_train_on_both_classes_every_step(data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[int]] = []
+    real = ft.OrganBatchSampler
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def rank_batches(self, epoch: int, skip: int = 0) -> list[list[int]]:
+            batches = super().rank_batches(epoch, skip)
+            seen.extend([self.labels[i] for i in b] for b in batches)
+            return batches
+
+    monkeypatch.setattr(ft, "OrganBatchSampler", Recording)
+    run_finetuning(_ft_cfg(data, **{"data.stratified_batches": "true"}), data, tmp_path / "run")
+    assert seen and all(sorted(b) == [0, 1] for b in seen)  # 4 + 4 training studies, batches of 2
