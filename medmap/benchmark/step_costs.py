@@ -11,7 +11,11 @@ config's shapes (8 phases of 24 x 24 x 16 voxels, batch 8):
 * validation forward passes per study at the training batch and at the default validation
   batch (``training.eval_batch_size``: 4 x 8);
 * the brain model's validation forward per study with the DenseNet trunks' max pool as
-  :class:`~medmap.models.encoders.SeparableMaxPool3d` (the default) and as ``nn.MaxPool3d``.
+  :class:`~medmap.models.encoders.SeparableMaxPool3d` (the default) and as ``nn.MaxPool3d``;
+* the brain model against the time-to-accuracy DenseNet baseline: a training step (the
+  brain config's batch) and the validation forward per study, MedMAP's split into the four
+  sequence encoders and the rest (CSA, CCT, heads). This is the per-step side of the brain
+  time-to-accuracy gap (docs/performance.md).
 
 Figures are printed and stored in ``res["step_costs"]``; nothing is asserted.
 """
@@ -115,6 +119,39 @@ def _brain_max_pool(iters: int) -> dict[str, float]:
     return out
 
 
+def _brain_against_densenet(iters: int) -> dict[str, float]:
+    """Brain training step and validation forward per study: MedMAP against the TTA DenseNet."""
+    from medmap.benchmark.time_to_accuracy import DENSENET
+    from medmap.engines.common import build_adamw
+    from medmap.experiments.baselines import StackedModalityCNN
+
+    setup = FinetuneSetup("brain")
+    images, present, labels = setup.random_batch()
+    out: dict[str, float] = {"batch": setup.batch_size}
+    out["medmap_step_ms"] = 1000 * time_calls(lambda: setup.step(images, present, labels), iters)["median_s"]
+    cnn = StackedModalityCNN(DENSENET, len(setup.organ.modalities), setup.organ.num_classes).train()
+    opt = build_adamw(cnn.parameters(), lr=1.0e-3, weight_decay=0.01)
+
+    def cnn_step() -> None:
+        loss = torch.nn.functional.cross_entropy(cnn(images, present), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    out["densenet_step_ms"] = 1000 * time_calls(cnn_step, iters)["median_s"]
+    b = eval_batch_size(finetune_config(setup.cfg).training)
+    images, present, _ = setup.random_batch(b)
+    setup.model.eval()
+    cnn.eval()
+    with torch.no_grad():
+        for name, fn in (("medmap", lambda: setup.model(images, present, setup.bank)),
+                         ("medmap_encoders", lambda: setup.model._encode(images, present)),
+                         ("densenet", lambda: cnn(images, present))):
+            out[f"{name}_validation_ms_per_study"] = 1000 * time_calls(fn, iters)["median_s"] / b
+    out["validation_batch"] = b
+    return out
+
+
 def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
     """Augmentation, optimiser, dropout and validation batch costs of the liver fine-tuning step."""
     iters = max(3, int(args.iters))
@@ -133,4 +170,10 @@ def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
     pool = _brain_max_pool(iters)
     print(f"  brain validation forward per study (batch {pool['batch']:.0f}):  separable max pool "
           f"{pool['separable_ms_per_study']:.1f} ms (the default), nn.MaxPool3d {pool['native_ms_per_study']:.1f} ms")
-    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest, "brain_max_pool": pool}
+    vs = _brain_against_densenet(iters)
+    print(f"  brain, MedMAP against the DenseNet baseline:  training step (batch {vs['batch']:.0f}) "
+          f"{vs['medmap_step_ms']:.0f} ms against {vs['densenet_step_ms']:.0f} ms; validation forward per study "
+          f"(batch {vs['validation_batch']:.0f}) {vs['medmap_validation_ms_per_study']:.1f} ms "
+          f"(encoders {vs['medmap_encoders_validation_ms_per_study']:.1f}) against "
+          f"{vs['densenet_validation_ms_per_study']:.1f} ms")
+    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest, "brain_max_pool": pool, "brain_against_densenet": vs}

@@ -109,3 +109,13 @@ def test_step_costs_times_the_brain_trunks_with_both_max_pools() -> None:
     pool = step_costs._brain_max_pool(1)
     assert pool["pools"] == 4  # one per sequence's DenseNet trunk
     assert pool["separable_ms_per_study"] > 0 and pool["native_ms_per_study"] > 0
+
+
+def test_step_costs_times_the_brain_model_against_the_densenet_baseline() -> None:
+    from medmap.benchmark import step_costs
+
+    vs = step_costs._brain_against_densenet(1)
+    assert vs["batch"] == 4 and vs["validation_batch"] == 16  # the brain config's batches
+    for key in ("medmap_step_ms", "densenet_step_ms", "medmap_validation_ms_per_study",
+                "medmap_encoders_validation_ms_per_study", "densenet_validation_ms_per_study"):
+        assert vs[key] > 0
