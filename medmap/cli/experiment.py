@@ -5,6 +5,7 @@ Example::
     medmap experiment paper_grid --out runs/paper_grid            # run or continue the whole grid
     medmap experiment paper_grid --out runs/paper_grid --dry-run  # the plan, with done / todo
     medmap experiment paper_grid --out runs/paper_grid --only full no_csa --seeds 0
+    medmap experiment paper_grid --out runs/paper_grid --tasks brain   # one task's rows only
     medmap experiment paper_grid --out runs/paper_grid --workers 2   # two processes, one core each
     medmap experiment my_grid.yaml --out runs/mine
 """
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/experiments/<config name>)")
     p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="run only these rows (and what they need)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the config's seeds")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="run only these tasks' jobs")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and whether each is done; run nothing")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing job")
     p.add_argument("--workers", type=int, default=1,
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.setdefault("run", {})["threads"] = threads
     helpers = _start_helper_workers(args, Path(out), workers - 1, threads) if workers > 1 else []
     try:
-        report = run_grid(cfg, out, only=args.only, seeds=args.seeds, dry_run=args.dry_run, fail_fast=args.fail_fast)
+        report = run_grid(cfg, out, only=args.only, seeds=args.seeds, dry_run=args.dry_run, fail_fast=args.fail_fast,
+                          tasks=args.tasks)
     finally:
         codes = [h.wait() for h in helpers]
     if helpers:  # the helpers may have finished runs after this process wrote the tables
@@ -72,6 +75,8 @@ def _start_helper_workers(args: argparse.Namespace, out: Path, n: int, threads: 
         cmd += ["--only", *args.only]
     if args.seeds:
         cmd += ["--seeds", *map(str, args.seeds)]
+    if args.tasks:
+        cmd += ["--tasks", *args.tasks]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}

@@ -60,15 +60,20 @@ class ExperimentGrid:
         out: output folder.
         seeds: replaces every row's seeds (``--seeds``).
         only: restrict the jobs to these rows (entry names, or expanded ``drop_modality`` names).
+        tasks: restrict the jobs to these of the config's tasks (``--tasks``); ``None``: all.
     """
 
     def __init__(self, cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None,
-                 only: Sequence[str] | None = None) -> None:
+                 only: Sequence[str] | None = None, tasks: Sequence[str] | None = None) -> None:
         self.cfg = copy.deepcopy(dict(cfg))
         self.out = Path(out)
         self.rows = parse_rows(self.cfg, seeds)
         self.regimes = parse_regimes(self.cfg, self.rows)
         self.tasks = [str(t) for t in self.cfg["tasks"]]
+        self.task_filter = set(tasks or [])
+        if self.task_filter - set(self.tasks):
+            raise ConfigError(f"--tasks {sorted(self.task_filter - set(self.tasks))}: not tasks of this grid "
+                              f"({', '.join(self.tasks)})")
         self.only = set(only or [])
         known = {r.name for r in self.rows} | {n for r in self.rows for n in self._drop_names(r)}
         unknown = self.only - known
@@ -184,11 +189,11 @@ class ExperimentGrid:
         training = {k: t[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "grad_clip",
                                       "precision", "select_metric") if k in t}
         training = {**training, **(row.options.get("training") or {}), "seed": int(seed)}
+        data = {"augment": (ft.get("data") or {}).get("augment"), "labels_per_class": self.labels_per_class(row, regime)}
+        if (ft.get("data") or {}).get("stratified_batches"):  # only when on: the configs of finished runs stay as they were
+            data["stratified_batches"] = True
         return {"organ": ft["organ"], "net": copy.deepcopy(row.options.get("net") or {"name": "DenseNet121"}),
-                "training": training, "data": {"augment": (ft.get("data") or {}).get("augment"),
-                                               "stratified_batches": bool((ft.get("data") or {}).get("stratified_batches")),
-                                               "labels_per_class": self.labels_per_class(row, regime)},
-                "run": {"device": self.device}}
+                "training": training, "data": data, "run": {"device": self.device}}
 
     # ---------------------------------------------------------------- plan
     def _drop_names(self, row: Row) -> list[str]:
@@ -212,6 +217,9 @@ class ExperimentGrid:
             raise ConfigError(f"row '{row.name}': {bad} are not {task} modalities ({', '.join(organ_mods)})")
         return [str(m) for m in mods]
 
+    def _task_selected(self, task: str) -> bool:
+        return not self.task_filter or task in self.task_filter
+
     def _selected(self, row: Row, name: str | None = None) -> bool:
         return not self.only or row.name in self.only or (name is not None and name in self.only)
 
@@ -221,13 +229,13 @@ class ExperimentGrid:
                    and (self._selected(d) or any(n in self.only for n in self._drop_names(d))) for d in self.rows)
 
     def jobs(self) -> list[Job]:
-        """Every job of the grid (filtered by ``only``, with the jobs they depend on), in run order."""
+        """Every job of the grid (filtered by ``only`` and ``tasks``, with the jobs they depend on), in run order."""
         runs: list[Job] = []
         needed_pretrain: set[tuple[str, str, int]] = set()
         by_name = {r.name: r for r in self.rows}
         for regime in self.regimes:
             for row in [r for r in self.rows if r.kind != "drop_modality" and regime.has(r)]:
-                for task in [t for t in row.tasks if regime.has(row, t)]:
+                for task in [t for t in row.tasks if regime.has(row, t) and self._task_selected(t)]:
                     for seed in row.seeds:
                         if not (self._selected(row) or self._wanted_by_a_drop_row(row, task, seed, regime)):
                             continue
@@ -240,7 +248,7 @@ class ExperimentGrid:
                 src = by_name[row.options["source"]]
                 if not regime.has(src):
                     continue
-                for task in [t for t in row.tasks if t in src.tasks and regime.has(src, t)]:
+                for task in [t for t in row.tasks if t in src.tasks and regime.has(src, t) and self._task_selected(t)]:
                     for m in self._drop_modalities(row, task):
                         if not self._selected(row, f"{src.name}_without_{m}"):
                             continue

@@ -110,7 +110,7 @@ class GridReport:
 
 def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequence[str] | None = None,
              seeds: Sequence[int] | None = None, dry_run: bool = False, fail_fast: bool = False,
-             log: Callable[[str], None] = print, poll_s: float = 10.0) -> GridReport:
+             log: Callable[[str], None] = print, poll_s: float = 10.0, tasks: Sequence[str] | None = None) -> GridReport:
     """Run (or continue) every unfinished job of the grid, then write the results tables.
 
     Args:
@@ -118,6 +118,7 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
         out: output folder; rerunning with the same folder skips finished jobs.
         only: run only these rows (and the stage-1 runs / data they need).
         seeds: replace the config's seeds.
+        tasks: run only these tasks' jobs (the data job makes every task's studies).
         dry_run: print the plan with each job's status and write nothing.
         fail_fast: stop at the first failing job (default: record it, skip what depends on
             it, continue, and report it; its traceback goes to ``DIR/failures/``).
@@ -134,7 +135,7 @@ def run_grid(cfg: Mapping[str, Any] | str | Path, out: str | Path, only: Sequenc
     """
     if not isinstance(cfg, Mapping):
         cfg = load_experiment_config(cfg)
-    grid = ExperimentGrid(cfg, out, seeds, only)
+    grid = ExperimentGrid(cfg, out, seeds, only, tasks)
     jobs = grid.jobs()
     report = GridReport([j.key for j in jobs], [], [], {}, {})
     if dry_run:

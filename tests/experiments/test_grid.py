@@ -172,6 +172,17 @@ def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Pat
         "pretrain:brain:aware:0", "pretrain:liver:aware:0", "pretrain:liver:shared:0"]
 
 
+def test_tasks_keep_one_task_of_the_grid(tmp_path: Path) -> None:
+    paper = load_experiment_config("paper_grid")
+    keys = [j.key for j in ExperimentGrid(paper, tmp_path, tasks=["brain"]).jobs()]
+    assert keys[0] == "data" and all(":brain:" in k for k in keys[1:])
+    assert any(k.startswith("run:brain:") for k in keys) and any(k.startswith("drop:brain:") for k in keys)
+    everything = [j.key for j in ExperimentGrid(paper, tmp_path).jobs()]
+    assert set(keys) == {k for k in everything if k == "data" or ":brain:" in k}
+    with pytest.raises(ConfigError, match=r"--tasks \['lung'\]: not tasks of this grid"):
+        ExperimentGrid(paper, tmp_path, tasks=["lung"])
+
+
 @pytest.mark.parametrize("row, match", [
     ({"name": "x", "kind": "svm"}, "kind must be one of"),
     ({"name": "x", "kind": "medmap", "ablation": {"no_such_switch": False}}, "unknown config key 'ablation.no_such_switch'"),
