@@ -40,7 +40,7 @@ def test_the_model_section_defaults_are_the_model_config_defaults() -> None:
     ({"ablation": {"cct": 1}}, "config key 'ablation.cct' must be true or false, got 1"),
     ({"loss": {"class_weights": 3}}, "config key 'loss.class_weights' must be a string or a list or null, got 3"),
     ({"training": {"optimizer": "sgd"}}, "config key 'training.optimizer' is not read any more: the optimiser is always AdamW"),
-    ({"data": []}, "config key 'data' is a section (augment, cache_dir, labels_per_class), got []"),
+    ({"data": []}, "config key 'data' is a section (augment, cache_dir, labels_per_class, stratified_batches), got []"),
 ])
 def test_wrong_keys_and_values_say_what_is_valid(cfg: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
