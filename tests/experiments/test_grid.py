@@ -169,7 +169,7 @@ def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Pat
     paper = load_experiment_config("paper_grid")  # one stage-1 run per task and setting, shared by the seeds
     jobs = ExperimentGrid(paper, tmp_path).jobs()
     assert [j.key for j in jobs if j.key.startswith("pretrain")] == [
-        "pretrain:brain:aware:0", "pretrain:liver:aware:0", "pretrain:liver:shared:0"]
+        "pretrain:brain:aware:0", "pretrain:brain:shared:0", "pretrain:liver:aware:0", "pretrain:liver:shared:0"]
 
 
 def test_tasks_keep_one_task_of_the_grid(tmp_path: Path) -> None:
