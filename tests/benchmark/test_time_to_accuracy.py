@@ -50,5 +50,7 @@ def test_the_densenet_config_is_a_valid_cnn_baseline_config() -> None:
 
     assert typed.training.ema_decay == finetune_config(load_config("liver", "finetune")).training.ema_decay
     # --tta-set overrides reach the DenseNet where it shares the value
-    over = parse_run_config(cnn_config("liver", 50, ["training.ema_decay=0.9", "training.epochs=3"]), "cnn_baseline")
-    assert over.training.ema_decay == 0.9 and over.training.epochs == 3
+    over = parse_run_config(cnn_config("liver", 50, ["training.ema_decay=0.9", "training.epochs=3",
+                                                     "data.stratified_batches=true"]), "cnn_baseline")
+    assert over.training.ema_decay == 0.9 and over.training.epochs == 3 and over.data.stratified_batches
+    assert not typed.data.stratified_batches  # the shipped recipes leave it off

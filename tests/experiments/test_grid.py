@@ -287,3 +287,11 @@ def test_bad_regimes_are_clear_config_errors(tmp_path: Path, regimes: list, matc
     cfg["regimes"] = regimes
     with pytest.raises(ConfigError, match=match):
         ExperimentGrid(cfg, tmp_path)
+
+
+def test_the_cnn_rows_follow_the_tasks_batch_stratification(tmp_path: Path) -> None:
+    cfg = load_experiment_config("tiny")
+    cnn = next(r for r in ExperimentGrid(cfg, tmp_path).rows if r.name == "cnn")
+    assert "stratified_batches" not in ExperimentGrid(cfg, tmp_path).cnn_config("liver", cnn, 0)["data"]
+    cfg = {**cfg, "finetune": {**cfg["finetune"], "set": {"data": {"stratified_batches": True}}}}
+    assert ExperimentGrid(cfg, tmp_path).cnn_config("liver", cnn, 0)["data"]["stratified_batches"] is True
