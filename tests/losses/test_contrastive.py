@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.save({"loss": loss.detach(), "gv": v_r.grad, "gt": t_r.grad}, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears down its connections while a peer finishes the backward all-to-all
     dist.destroy_process_group()
+    # Everything the test reads is on disk. In about one full-suite run in three, a rank then
+    # aborted in interpreter teardown ("terminate called without an active exception", SIGABRT,
+    # never in 64 isolated runs), failing the spawn though its results were complete: leave
+    # without the teardown.
+    os._exit(0)
 
 
 def test_loss_is_identical_on_one_and_two_ranks(tmp_path: Path) -> None:
