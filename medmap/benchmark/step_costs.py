@@ -96,6 +96,13 @@ def _dropout_and_validation(iters: int) -> dict[str, float]:
     return out
 
 
+def _validation_batch(setup: FinetuneSetup) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The config's validation batch size and a random batch of it."""
+    b = eval_batch_size(finetune_config(setup.cfg).training)
+    images, present, _ = setup.random_batch(b)
+    return b, images, present
+
+
 def _brain_max_pool(iters: int) -> dict[str, float]:
     """Brain validation forward per study: the separable max pool against ``nn.MaxPool3d``."""
     from torch import nn
@@ -104,8 +111,7 @@ def _brain_max_pool(iters: int) -> dict[str, float]:
 
     setup = FinetuneSetup("brain")
     setup.model.eval()
-    b = eval_batch_size(finetune_config(setup.cfg).training)
-    images, present, _ = setup.random_batch(b)
+    b, images, present = _validation_batch(setup)
     pools = [(parent, name, child) for parent in setup.model.modules()
              for name, child in parent.named_children() if isinstance(child, SeparableMaxPool3d)]
     out: dict[str, float] = {"batch": b, "pools": len(pools)}
@@ -139,8 +145,7 @@ def _brain_against_densenet(iters: int) -> dict[str, float]:
         opt.step()
 
     out["densenet_step_ms"] = 1000 * time_calls(cnn_step, iters)["median_s"]
-    b = eval_batch_size(finetune_config(setup.cfg).training)
-    images, present, _ = setup.random_batch(b)
+    b, images, present = _validation_batch(setup)
     setup.model.eval()
     cnn.eval()
     with torch.no_grad():

@@ -50,9 +50,10 @@ def make_setup() -> FinetuneSetup:
 def encoder_cases() -> list[tuple[str, Any, tuple[int, ...], int]]:
     """``(kind, arch, roi, volumes)`` per encoder kind, each at the ROI of the config that uses it."""
     liver = load_organ_config(load_config("liver", "finetune")["organ"])
-    brain = load_organ_config(load_config("brain", "finetune")["organ"])
+    brain_ft = load_config("brain", "finetune")
+    brain = load_organ_config(brain_ft["organ"])
     brain_1mm = load_organ_config("brain")  # vit_small's 16^3 patches tile the 80x96x80 brain ROI
-    brain_arch = str(load_config("brain", "finetune")["encoder"]["arch"])
+    brain_arch = str(brain_ft["encoder"]["arch"])
     return [("cnn_patch", "cnn_patch", tuple(liver.roi_size), len(liver.modalities)),
             (brain_arch, brain_arch, tuple(brain.roi_size), len(brain.modalities)),
             ("vit_small", "vit_small", tuple(brain_1mm.roi_size), len(brain_1mm.modalities))]

@@ -98,8 +98,8 @@ def _finetune_cmd(task: str, data: Path, run_dir: Path, init: Path | None, threa
 
 def cnn_config(task: str, val_every_steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The DenseNet baseline's config: the task's stage-2 schedule, augmentation, batch
-    stratification and weight averaging (``training.ema_decay``), with ``overrides`` of the fine-tuning config applied;
-    lr 1e-3 (as in paper_grid)."""
+    stratification and weight averaging (``training.ema_decay``), with ``overrides`` of the
+    fine-tuning config applied; lr 1e-3 (as in paper_grid)."""
     from medmap.config import load_config
     from medmap.run_config import finetune_config
 

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -91,14 +92,9 @@ def stratified_order(items: Sequence[int], classes: Sequence[int], generator: to
     >>> stratified_order([5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 1, 1], torch.Generator().manual_seed(0))
     [5, 9, 6, 7, 8, 10]
     """
-    counts: dict[int, int] = {}
-    for c in classes:
-        counts[c] = counts.get(c, 0) + 1
-    seen: dict[int, int] = {}
-    jitter = torch.rand(len(items), generator=generator).tolist()
+    counts, seen = Counter(classes), Counter[int]()
     places = []
-    for item, c, u in zip(items, classes, jitter):
-        k = seen.get(c, 0)
-        seen[c] = k + 1
-        places.append(((k + u) / counts[c], item))
+    for item, c, u in zip(items, classes, torch.rand(len(items), generator=generator).tolist()):
+        places.append(((seen[c] + u) / counts[c], item))
+        seen[c] += 1
     return [item for _, item in sorted(places)]
