@@ -177,6 +177,9 @@ def test_tasks_keep_one_task_of_the_grid(tmp_path: Path) -> None:
     keys = [j.key for j in ExperimentGrid(paper, tmp_path, tasks=["brain"]).jobs()]
     assert keys[0] == "data" and all(":brain:" in k for k in keys[1:])
     assert any(k.startswith("run:brain:") for k in keys) and any(k.startswith("drop:brain:") for k in keys)
+    assert any(k.startswith("run:brain:few:") for k in keys)  # the brain's few-label regime: 20 per class
+    liver = [j.key for j in ExperimentGrid(paper, tmp_path, tasks=["liver"]).jobs()]
+    assert any(k.startswith("run:liver:low:") for k in liver) and not any(":few:" in k for k in liver)
     everything = [j.key for j in ExperimentGrid(paper, tmp_path).jobs()]
     assert set(keys) == {k for k in everything if k == "data" or ":brain:" in k}
     with pytest.raises(ConfigError, match=r"--tasks \['lung'\]: not tasks of this grid"):
