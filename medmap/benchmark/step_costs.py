@@ -127,7 +127,7 @@ def _brain_max_pool(iters: int) -> dict[str, float]:
 
 def _brain_against_densenet(iters: int) -> dict[str, float]:
     """Brain training step and validation forward per study: MedMAP against the TTA DenseNet."""
-    from medmap.benchmark.time_to_accuracy import DENSENET
+    from medmap.benchmark.time_to_accuracy import paper_grid_densenet
     from medmap.engines.common import build_adamw
     from medmap.experiments.baselines import StackedModalityCNN
 
@@ -135,8 +135,9 @@ def _brain_against_densenet(iters: int) -> dict[str, float]:
     images, present, labels = setup.random_batch()
     out: dict[str, float] = {"batch": setup.batch_size}
     out["medmap_step_ms"] = 1000 * time_calls(lambda: setup.step(images, present, labels), iters)["median_s"]
-    cnn = StackedModalityCNN(DENSENET, len(setup.organ.modalities), setup.organ.num_classes).train()
-    opt = build_adamw(cnn.parameters(), lr=1.0e-3, weight_decay=0.01)
+    densenet = paper_grid_densenet()
+    cnn = StackedModalityCNN(densenet["net"], len(setup.organ.modalities), setup.organ.num_classes).train()
+    opt = build_adamw(cnn.parameters(), **densenet["training"])
 
     def cnn_step() -> None:
         loss = torch.nn.functional.cross_entropy(cnn(images, present), labels)

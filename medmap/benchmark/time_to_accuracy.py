@@ -28,10 +28,17 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-#: Paper-grid DenseNet (``configs/experiments/paper_grid.yaml``, row ``cnn``).
-DENSENET = {"name": "DenseNet", "init_features": 16, "growth_rate": 8, "block_config": [2, 2], "norm": "instance"}
 #: Task -> (fine-tuning config, organ config); the defaults of the "MedMAP must visibly learn" issue.
 TASKS = {"liver": ("liver", "liver"), "brain": ("brain", "brain_4mm")}
+
+
+def paper_grid_densenet() -> dict[str, Any]:
+    """The paper grid's DenseNet row (``configs/experiments/paper_grid.yaml``, row ``densenet``):
+    its ``net`` and ``training`` (learning rate, weight decay), read from the config, not copied."""
+    from medmap.experiments.schema import load_experiment_config
+
+    row = next(r for r in load_experiment_config("paper_grid")["rows"] if r["name"] == "densenet")
+    return {"net": dict(row["net"]), "training": dict(row.get("training") or {})}
 
 
 def first_reaching(log_csv: Path, threshold: float, metric: str = "val_balanced_accuracy") -> dict[str, Any]:
@@ -99,14 +106,15 @@ def _finetune_cmd(task: str, data: Path, run_dir: Path, init: Path | None, threa
 def cnn_config(task: str, val_every_steps: int, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The DenseNet baseline's config: the task's stage-2 schedule, augmentation, batch
     stratification and weight averaging (``training.ema_decay``), with ``overrides`` of the
-    fine-tuning config applied; lr 1e-3 (as in paper_grid)."""
+    fine-tuning config applied; the network, learning rate and weight decay of the paper
+    grid's DenseNet row (:func:`paper_grid_densenet`)."""
     from medmap.config import load_config
     from medmap.run_config import finetune_config
 
     ft = finetune_config(load_config(TASKS[task][0], "finetune", list(overrides)))
-    t = ft.training
-    return {"organ": TASKS[task][1], "net": dict(DENSENET),
-            "training": {"epochs": t.epochs, "batch_size": t.batch_size, "lr": 1.0e-3, "weight_decay": 0.01,
+    t, densenet = ft.training, paper_grid_densenet()
+    return {"organ": TASKS[task][1], "net": densenet["net"],
+            "training": {"epochs": t.epochs, "batch_size": t.batch_size, **densenet["training"],
                          "warmup_epochs": t.warmup_epochs, "grad_clip": t.grad_clip, "precision": t.precision,
                          "val_every_steps": val_every_steps, "ema_decay": t.ema_decay, "seed": t.seed},
             "data": {"augment": ft.data.augment, "stratified_batches": ft.data.stratified_batches}}
