@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "medmap.cli.pretrain",
     "medmap.cli.finetune",
     "medmap.cli.evaluate",
+    "medmap.cli.subgroups",
     "medmap.cli.predict",
     "medmap.cli.zeroshot",
     "medmap.cli.export",
