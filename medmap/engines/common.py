@@ -338,6 +338,33 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path | None:
     return None
 
 
+def check_resume_config(checkpoint: str | Path | None, config: Mapping[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` with a config other than the one that wrote it.
+
+    Called before a resumed run writes anything, so that a refused resume leaves the run
+    folder as it was: its ``config.yaml`` still describes its checkpoints. ``None``: a new run.
+    """
+    if checkpoint is not None:
+        _check_config_hash(Path(checkpoint), _read_state(Path(checkpoint)), config)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"incomplete checkpoint {path}: needs {MODEL_FILE} and {STATE_FILE}")
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {e}") from e
+
+
+def _check_config_hash(path: Path, state: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    if state.get("config_hash") not in (None, config_hash(config)):
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different config; resume with the run's own "
+            f"config.yaml, or start a new run folder"
+        )
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -365,17 +392,11 @@ def load_checkpoint(
         CheckpointError: the folder is incomplete, unreadable or from another config.
     """
     path = Path(path)
-    if not (path / MODEL_FILE).is_file() or not (path / STATE_FILE).is_file():
+    if not (path / MODEL_FILE).is_file():
         raise CheckpointError(f"incomplete checkpoint {path}: needs {MODEL_FILE} and {STATE_FILE}")
-    try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path / STATE_FILE}: {e}") from e
-    if config is not None and state.get("config_hash") not in (None, config_hash(config)):
-        raise CheckpointError(
-            f"checkpoint {path} was written with a different config; resume with the run's own "
-            f"config.yaml, or start a new run folder"
-        )
+    state = _read_state(path)
+    if config is not None:
+        _check_config_hash(path, state, config)
     target = unwrap_model(model)
     try:
         missing, unexpected = load_model(target, str(path / MODEL_FILE), strict=strict, device="cpu")

@@ -41,6 +41,7 @@ from medmap.engines.common import (
     DistInfo,
     barrier,
     build_adamw,
+    check_resume_config,
     claim_run_dir,
     cleanup_distributed,
     configure_threads,
@@ -136,6 +137,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
     seed_everything(seed + info.rank)
     organ = load_organ_config(cfg.organ)
     last = find_checkpoint(run_dir, "last") if resume else None
+    check_resume_config(last, raw)  # before config.yaml is written: a refused resume changes nothing
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(run_dir, raw)  # as given: its hash guards --resume

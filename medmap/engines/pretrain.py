@@ -42,6 +42,7 @@ from medmap.engines.common import (
     DistInfo,
     barrier,
     build_adamw,
+    check_resume_config,
     cleanup_distributed,
     configure_threads,
     claim_run_dir,
@@ -350,6 +351,7 @@ def run_pretraining(
         seed = tcfg.seed
         seed_everything(seed + info.rank)
         last = find_checkpoint(run_dir, "last") if resume else None
+        check_resume_config(last, raw)  # before config.yaml is written: a refused resume changes nothing
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(run_dir, raw)  # as given: its hash guards --resume

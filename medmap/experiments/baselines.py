@@ -346,8 +346,8 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     from medmap.data.dataset import StudyDataset, collate_studies
     from medmap.data.sampler import OrganBatchSampler
     from medmap.data.validate import preflight_studies
-    from medmap.engines.common import (DistInfo, build_adamw, find_checkpoint, load_checkpoint, save_resolved_config,
-                                       warmup_cosine_schedule)
+    from medmap.engines.common import (DistInfo, build_adamw, check_resume_config, find_checkpoint, load_checkpoint,
+                                       save_resolved_config, warmup_cosine_schedule)
     from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
     from medmap.evaluation.metrics import compute_metrics
     from medmap.losses.finetune import class_weights_from_labels
@@ -364,6 +364,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
     preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
+    check_resume_config(find_checkpoint(run_dir, "last"), cfg)  # a refused resume changes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")

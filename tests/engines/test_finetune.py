@@ -72,6 +72,19 @@ def test_finetune_refuses_an_existing_run_and_a_mismatched_init(data: Path, ft_r
         run_finetuning(_ft_cfg(data), data, tmp_path / "y", init=tmp_path)
 
 
+def test_a_refused_resume_leaves_the_runs_untouched(data: Path, ft_run: Path, pretrain_run: Path) -> None:
+    # resuming with another config fails before anything is written: config.yaml still
+    # describes the checkpoints, so a resume with the run's own config still works
+    for run, resume in ((ft_run, lambda: run_finetuning(_ft_cfg(data, **{"training.lr": 0.5}), data, ft_run, resume=True)),
+                        (pretrain_run, lambda: run_pretraining(
+                            load_config("tiny", "pretrain", [f"data.organs=[{data.parent / 'brain_tiny.yaml'}]",
+                                                             "training.steps=3"]), data, pretrain_run, resume=True))):
+        before = (run / "config.yaml").read_bytes()
+        with pytest.raises(CheckpointError, match="different config"):
+            resume()
+        assert (run / "config.yaml").read_bytes() == before
+
+
 def test_val_every_validates_on_schedule_and_at_the_end(data: Path, tmp_path: Path) -> None:
     import csv
 

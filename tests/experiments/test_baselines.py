@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medmap.errors import CheckpointError
 from medmap.experiments.baselines import run_cnn_baseline
 from tests.helpers.tiny_studies import make_tiny_brain_data
 
@@ -28,3 +29,8 @@ def test_the_cnn_baseline_keeps_the_weights_it_validated(tmp_path: Path, ema_dec
     # (= last) without averaging, and their moving average with it
     same = all(torch.equal(best[k], last[k]) for k in best)
     assert same is (ema_decay is None)
+    # a second call resumes the finished run; with another config it is refused, run untouched
+    before = (tmp_path / "run" / "config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match="different config"):
+        run_cnn_baseline({**cfg, "training": {**cfg["training"], "epochs": 2}}, data, tmp_path / "run", n_bootstrap=0)
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == before
