@@ -143,6 +143,16 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
     Example:
         >>> label_efficiency_plot([("a", 5, 0.5), ("a", 5, 0.6), ("a", 20, 0.8)], "/tmp/le.png")  # doctest: +SKIP
     """
+    fig = label_efficiency_figure(points, title, chance, ylabel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def label_efficiency_figure(points: Sequence[tuple[str, float, float]], title: str = "Label efficiency",
+                            chance: float | None = None, ylabel: str = "balanced accuracy (test)") -> Figure:
+    """The figure of :func:`label_efficiency_plot`, not yet written."""
     fig = Figure(figsize=(6.0, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -159,6 +169,7 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
     xs_all = sorted({x for _, x, _ in points})
     ax.set_xticks(xs_all)
     ax.set_xticklabels([f"{x:.0f}" if x >= 10 else f"{x:g}" for x in xs_all])  # all labels: a mean, e.g. 300.6
+    ax.set_xticks([], minor=True)  # a log axis spanning less than a decade would label its minor ticks (6 x 10^0)
     ax.set_xlabel("labelled training studies per class")
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
@@ -166,10 +177,7 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
 
 
 def row_scores_figure(panels: Sequence[tuple[str, Sequence[tuple[str, float, float, float, Sequence[float]]], float | None]],

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from medmap.evaluation.plots import write_all_plots
+from medmap.evaluation.plots import label_efficiency_figure, label_efficiency_plot, write_all_plots
 from medmap.evaluation.report import evaluate_and_report
 
 
@@ -42,3 +42,15 @@ def test_evaluate_and_report_writes_json_and_markdown(tmp_path):
     assert "flattened one-hot accuracy (not top-1" in md
     assert f"{m['accuracy']:.4f}" in md and "![roc](roc.png)" in md
     assert "| normal |" in md and "95% CI" in md
+
+
+def test_label_efficiency_axis_labels_only_the_measured_points(tmp_path):
+    # 5 and 20 per class span less than a decade of the log axis: no minor tick may be labelled
+    points = [("MedMAP", 5, 0.5), ("MedMAP", 5, 0.6), ("MedMAP", 20, 0.8), ("CNN", 5, 0.4), ("CNN", 20, 0.7)]
+    fig = label_efficiency_figure(points, chance=1 / 7)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "20"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+    assert label_efficiency_plot(points, tmp_path / "le.png").read_bytes()[:4] == b"\x89PNG"
+
