@@ -364,7 +364,8 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
     if not splits["val"]:
         raise StudyListError(f"{study_list}: the CNN baseline selects its epoch on the val split, which is empty")
     preflight_studies([s for v in splits.values() for s in v], default_cache_root(study_list) / "preflight.json")
-    check_resume_config(find_checkpoint(run_dir, "last"), cfg)  # a refused resume changes nothing
+    last = find_checkpoint(run_dir, "last")  # a finished or interrupted run is resumed
+    check_resume_config(last, cfg)  # before config.yaml is written: a refused resume changes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(run_dir, cfg)
     pcache = PreprocessCache(default_cache_root(study_list) / "preprocess")
@@ -393,7 +394,7 @@ def run_cnn_baseline(cfg: Mapping[str, Any], study_list: str | Path, run_dir: st
                     validate_every_epochs=1, validate_every_steps=tcfg.val_every_steps, ckpt_every_epochs=1,
                     select_metric=tcfg.select_metric, ema_decay=tcfg.ema_decay)
     loop = TrainingLoop(run_dir, cfg, model, optimizer, scheduler, plan, DistInfo(device=device), tensorboard=False)
-    logger = loop.start(find_checkpoint(run_dir, "last"))
+    logger = loop.start(last)
 
     def step_fn(batch: dict[str, Any]) -> StepResult:
         with loop.autocast():
