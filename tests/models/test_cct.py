@@ -44,3 +44,25 @@ def test_cct_rejects_all_missing_study():
     cct = CrossCognitionTransformer(8, num_heads=2, num_layers=1)
     with pytest.raises(ValueError, match="no present"):
         cct(torch.randn(1, 3, 8), torch.randn(1, 2, 8), torch.ones(1, 3, dtype=torch.bool), 1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cct_without_missing_tokens_skips_the_mask_and_computes_the_same(train):
+    # No padded token: CCT drops the mask (fused attention kernels); the result and the
+    # gradients are those of the layers run with an all-False mask.
+    torch.manual_seed(2)
+    cct = CrossCognitionTransformer(16, num_heads=4, num_layers=2, self_attention=True).train(train)
+    v = torch.randn(3, 12, 16, requires_grad=True)
+    q = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 12, dtype=torch.bool)
+    fast = cct(v, q, pad, num_class_tokens=2)
+    (grad_fast,) = torch.autograd.grad(fast.pooled.sum() + fast.class_tokens.sum(), v)
+    h, t = v, q
+    for layer in cct.layers:
+        h, t = layer(h, t, pad)
+    pooled = cct.v_norm(h).mean(dim=1)
+    class_tokens = cct.q_norm(t)[:, :2]
+    (grad_masked,) = torch.autograd.grad(pooled.sum() + class_tokens.sum(), v)
+    assert torch.allclose(fast.pooled, pooled, atol=1e-5)
+    assert torch.allclose(fast.class_tokens, class_tokens, atol=1e-5)
+    assert torch.allclose(grad_fast, grad_masked, atol=1e-5)
