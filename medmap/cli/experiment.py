@@ -8,6 +8,7 @@ Example::
     medmap experiment paper_grid --out runs/paper_grid --tasks brain   # one task's rows only
     medmap experiment paper_grid --out runs/paper_grid --workers 2   # two processes, one core each
     medmap experiment my_grid.yaml --out runs/mine
+    medmap experiment liver_lesion --out runs/ll --stage1 runs/s1_liver   # reuse a medmap pretrain run
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="run only these rows (and what they need)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="replace the config's seeds")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="run only these tasks' jobs")
+    p.add_argument("--stage1", nargs="+", default=None, metavar="[TASK=]RUN",
+                   help="finished `medmap pretrain` run(s) to use as the modality-aware stage 1 of every seed "
+                   "instead of training it (TASK=RUN for grids with a stage-1 run per task); sets pretrain.run")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and whether each is done; run nothing")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing job")
     p.add_argument("--workers", type=int, default=1,
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from medmap.experiments.schema import load_experiment_config
 
     cfg = load_experiment_config(args.config)
+    if args.stage1:
+        link_stage1_runs(cfg, args.stage1)
     out = args.out or Path("runs") / "experiments" / str(cfg["name"])
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -67,6 +73,27 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.failed or any(codes) else 0
 
 
+def link_stage1_runs(cfg: dict, specs: list[str]) -> None:
+    """Set ``pretrain.run`` from ``--stage1`` values: ``RUN``, or ``TASK=RUN`` per task."""
+    from medmap.errors import ConfigError
+    from medmap.experiments.schema import check_pretrain_section
+
+    pre = cfg["pretrain"] = dict(cfg.get("pretrain") or {})
+    if isinstance(pre.get("config"), dict):  # a stage-1 run per task
+        runs = {}
+        for spec in specs:
+            task, sep, path = spec.partition("=")
+            if not sep:
+                raise ConfigError(f"--stage1 {spec}: this grid has one stage-1 run per task; give TASK=RUN")
+            runs[task] = path
+        pre["run"] = runs
+    elif len(specs) == 1 and specs[0].partition("=")[0] not in cfg["tasks"]:
+        pre["run"] = specs[0]
+    else:
+        raise ConfigError(f"--stage1 {' '.join(specs)}: this grid has one stage-1 run for all tasks; give RUN alone")
+    check_pretrain_section(cfg)
+
+
 def _start_helper_workers(args: argparse.Namespace, out: Path, n: int, threads: int | None) -> list[subprocess.Popen]:
     """Start ``n`` more ``medmap experiment`` processes on the same folder (one worker each)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +104,8 @@ def _start_helper_workers(args: argparse.Namespace, out: Path, n: int, threads: 
         cmd += ["--seeds", *map(str, args.seeds)]
     if args.tasks:
         cmd += ["--tasks", *args.tasks]
+    if args.stage1:
+        cmd += ["--stage1", *args.stage1]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}

@@ -9,6 +9,7 @@ invocation needs to skip finished work)::
     DIR/data/studies.jsonl                      MedMoM-Synth, generated once (data seed)
     DIR/organs/<task>.yaml                      organ configs with the grid's sizes
     DIR/pretrain/[<task>/]{aware,shared}_seed<s>/   stage-1 runs, shared by every row that uses them
+                                                (``pretrain.run``: an existing run stands in for the aware ones)
     DIR/runs/<task>/[<regime>/]<row>/seed<s>/   one run; finished = metrics/test/metrics.json
     DIR/results.md  results.csv  runs.csv       the tables (see medmap.experiments.table)
     DIR/claims.md  claims.csv  rows.png         the claims and the row-score figure (with ``claims``)
@@ -33,7 +34,8 @@ import yaml
 
 from medmap.config import OrganConfig, apply_overrides, deep_merge, load_config, organ_config_from
 from medmap.errors import ConfigError
-from medmap.experiments.schema import Regime, Row, load_experiment_config, parse_regimes, parse_rows
+from medmap.experiments.schema import (Regime, Row, check_pretrain_section, load_experiment_config, parse_regimes,
+                                       parse_rows)
 from medmap.experiments.table import RunResult
 from medmap.utils import atomic_write_json, atomic_write_text
 
@@ -66,6 +68,7 @@ class ExperimentGrid:
     def __init__(self, cfg: Mapping[str, Any], out: str | Path, seeds: Sequence[int] | None = None,
                  only: Sequence[str] | None = None, tasks: Sequence[str] | None = None) -> None:
         self.cfg = copy.deepcopy(dict(cfg))
+        check_pretrain_section(self.cfg)
         self.out = Path(out)
         self.rows = parse_rows(self.cfg, seeds)
         self.regimes = parse_regimes(self.cfg, self.rows)
@@ -89,6 +92,10 @@ class ExperimentGrid:
             threads = int(threads)
         # per worker process, for its every job (stage 1, stage 2, baselines); None: each job's own run.threads
         self.threads: int | str | None = threads or None
+        for task in self.tasks:
+            linked = self.linked_stage1(self.pretrain_scope(task))
+            if linked is not None:
+                _check_linked_stage1(linked)
 
     # ---------------------------------------------------------------- paths
     @property
@@ -108,8 +115,17 @@ class ExperimentGrid:
         """The stage-1 run of ``task``: ``""`` (one run on every task) or the task's name."""
         return task if self.pretrain_per_task else ""
 
+    def linked_stage1(self, scope: str) -> Path | None:
+        """The finished ``medmap pretrain`` run named by ``pretrain.run`` for this scope (it stands in
+        for the modality-aware stage 1 of every seed), or ``None``."""
+        given = (self.cfg.get("pretrain") or {}).get("run")
+        if isinstance(given, Mapping):
+            given = given.get(scope)
+        return Path(given) if given else None
+
     def pretrain_dir(self, setting: str, seed: int, scope: str = "") -> Path:
-        return self.out / "pretrain" / scope / f"{setting}_seed{seed}"
+        linked = self.linked_stage1(scope) if setting == "aware" else None
+        return linked or self.out / "pretrain" / scope / f"{setting}_seed{seed}"
 
     def pretrain_seed(self, seed: int) -> int:
         """The stage-1 run a fine-tuning seed starts from: its own seed, or ``pretrain.seed`` when
@@ -240,6 +256,8 @@ class ExperimentGrid:
                         if not (self._selected(row) or self._wanted_by_a_drop_row(row, task, seed, regime)):
                             continue
                         setting, scope, pseed = row.pretrain_setting(), self.pretrain_scope(task), self.pretrain_seed(seed)
+                        if setting == "aware" and self.linked_stage1(scope) is not None:
+                            pseed = 0  # one linked run serves every seed
                         needs = ("data",) + ((_pretrain_key(scope, setting, pseed),) if setting else ())
                         if setting:
                             needed_pretrain.add((scope, setting, pseed))
@@ -263,6 +281,9 @@ class ExperimentGrid:
     def _pretrain_job(self, scope: str, setting: str, seed: int) -> Job:
         d = self.pretrain_dir(setting, seed, scope)
         what = f"{scope}, " if scope else ""
+        if setting == "aware" and self.linked_stage1(scope) is not None:
+            return Job(_pretrain_key(scope, setting, seed), f"stage 1 ({what}aware encoders): the existing run {d}",
+                       lambda: _check_linked_stage1(d), lambda: _check_linked_stage1(d), ("data",))
         return Job(_pretrain_key(scope, setting, seed), f"stage 1 ({what}{setting} encoders, seed {seed}): {d}",
                    lambda: (d / PRETRAIN_DONE).is_file(), lambda: self._pretrain(setting, seed, scope), ("data",))
 
@@ -398,6 +419,21 @@ class ExperimentGrid:
                 if r is not None:
                     out.append(r)
         return out
+
+
+def _check_linked_stage1(run: Path) -> bool:
+    """True for a finished modality-aware ``medmap pretrain`` run; a clear error otherwise."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"pretrain.run: {run} is not a stage-1 run folder (no config.yaml)")
+    cfg = yaml.safe_load(config.read_text()) or {}
+    if not (cfg.get("ablation") or {}).get("modality_aware", True):
+        raise ConfigError(f"pretrain.run: {run} was trained with one shared encoder (ablation.modality_aware: false); "
+                          "it cannot stand in for the modality-aware stage 1")
+    if not any((run / "metrics").glob("pretrain_*.json")):  # written when the run ends
+        raise ConfigError(f"pretrain.run: {run} has not finished (no metrics/pretrain_*.json); "
+                          f"finish it with `medmap pretrain --data LIST --out {run} --resume`")
+    return True
 
 
 def _pretrain_key(scope: str, setting: str, seed: int) -> str:

@@ -21,6 +21,9 @@ rows into one line of the label-efficiency plot. A regime (:class:`Regime`) runs
 or the rows it lists, once more with its own label budget and stage-2 settings.
 ``pretrain: {seed: S}`` makes every seed start from the one stage-1 run of seed S;
 ``pretrain: {config: {task: name}}`` gives each task its own stage-1 run.
+``pretrain: {run: PATH}`` (``{run: {task: PATH}}`` with per-task stage-1 runs; ``medmap
+experiment --stage1 [TASK=]PATH``) takes a finished ``medmap pretrain`` run as the
+modality-aware stage 1 of every seed instead of training one.
 
 Example:
     >>> cfg = load_experiment_config("tiny")
@@ -41,6 +44,7 @@ ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "drop_modality")
 TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
             "run", "rows", "regimes", "claims"}
 REGIME_KEYS = {"name", "label", "labels_per_class", "set", "task_set", "rows", "tasks"}
+PRETRAIN_KEYS = {"config", "overrides", "set", "seed", "run"}
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,32 @@ def load_experiment_config(name_or_path: str | Path) -> dict[str, Any]:
         if not cfg.get(key):
             raise ConfigError(f"experiment config: '{key}' must be a non-empty list")
     cfg.setdefault("name", Path(str(name_or_path)).stem)
+    check_pretrain_section(cfg)
     from medmap.experiments.claims import parse_claims
 
     parse_regimes(cfg, parse_rows(cfg))  # validate early
     parse_claims(cfg.get("claims"))
     return cfg
+
+
+def check_pretrain_section(cfg: Mapping[str, Any]) -> None:
+    """The ``pretrain`` section's keys, and the form of ``pretrain.run`` (one path, or one per
+    task when ``pretrain.config`` names a config per task)."""
+    p = cfg.get("pretrain") or {}
+    if not isinstance(p, Mapping):
+        raise ConfigError(f"experiment config: 'pretrain' must be a mapping, got {p!r}")
+    unknown = set(p) - PRETRAIN_KEYS
+    if unknown:
+        raise ConfigError(f"experiment config: unknown pretrain keys {sorted(unknown)}; known: {sorted(PRETRAIN_KEYS)}")
+    run = p.get("run")
+    if run is None or isinstance(run, (str, Path)):
+        return
+    if not isinstance(run, Mapping) or not isinstance(p.get("config"), Mapping):
+        raise ConfigError("experiment config: 'pretrain.run' must be a path, or a mapping task -> path when "
+                          f"'pretrain.config' names a config per task; got {run!r}")
+    strays = set(run) - {str(t) for t in cfg.get("tasks") or []}
+    if strays:
+        raise ConfigError(f"experiment config: 'pretrain.run' names {sorted(strays)}, not tasks of this grid")
 
 
 def parse_rows(cfg: Mapping[str, Any], seeds: Sequence[int] | None = None) -> list[Row]:

@@ -155,6 +155,49 @@ def test_dry_run_prints_the_plan_and_writes_nothing(grid: tuple[Path, object], t
     assert not fresh.exists()
 
 
+def test_stage1_reuses_a_finished_pretrain_run(grid: tuple[Path, object], tmp_path: Path) -> None:
+    out, _ = grid
+    linked = out / "pretrain" / "aware_seed0"
+    cfg = load_experiment_config("tiny")
+    mine = tmp_path / "linked"
+    assert main(["experiment", "tiny", "--out", str(mine), "--only", "full", "--seeds", "0", "1",
+                 "--stage1", str(linked)]) == 0
+    assert not (mine / "pretrain").exists()  # no stage 1 trained: both seeds start from the given run
+    for seed in (0, 1):
+        info = json.loads((mine / f"runs/liver/full/seed{seed}/run_info.json").read_text())
+        assert Path(info["init"]).resolve().is_relative_to(linked.resolve())
+    assert yaml.safe_load((mine / "experiment.yaml").read_text())["pretrain"]["run"] == str(linked)
+    keys = [j.key for j in ExperimentGrid({**cfg, "pretrain": {**cfg["pretrain"], "run": str(linked)}}, mine,
+                                          seeds=[0, 1], only=["full", "shared_encoder"]).jobs()]
+    assert [k for k in keys if k.startswith("pretrain")] == ["pretrain:aware:0", "pretrain:shared:0", "pretrain:shared:1"]
+
+
+def test_stage1_runs_that_cannot_stand_in_are_clear_errors(grid: tuple[Path, object], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    out, _ = grid
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((out / "pretrain/aware_seed0/config.yaml").read_text())
+    for run, match in [(tmp_path / "nowhere", "not a stage-1 run folder"),
+                       (out / "pretrain/shared_seed0", "one shared encoder"),
+                       (unfinished, "has not finished")]:
+        cfg = load_experiment_config("tiny")
+        cfg["pretrain"]["run"] = str(run)
+        with pytest.raises(ConfigError, match=match):
+            ExperimentGrid(cfg, tmp_path / "x")
+    for config, spec, message in [
+            ("paper_grid", "runs/s1", "one stage-1 run per task; give TASK=RUN"),
+            ("tiny", "liver=runs/s1", "one stage-1 run for all tasks; give RUN alone"),
+            ("paper_grid", "lung=runs/s1", "'pretrain.run' names ['lung'], not tasks of this grid")]:
+        assert main(["experiment", config, "--out", str(tmp_path / "p"), "--dry-run", "--stage1", spec]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    cfg = load_experiment_config("tiny")
+    cfg["pretrain"]["runs"] = "typo"
+    with pytest.raises(ConfigError, match=r"unknown pretrain keys \['runs'\]"):
+        ExperimentGrid(cfg, tmp_path / "y")
+
+
 # --------------------------------------------------------------------------- planning
 def test_only_pulls_in_dependencies_and_seeds_multiply_stage1_runs(tmp_path: Path) -> None:
     cfg = load_experiment_config("tiny")
