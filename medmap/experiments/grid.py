@@ -95,7 +95,7 @@ class ExperimentGrid:
         for task in self.tasks:
             linked = self.linked_stage1(self.pretrain_scope(task))
             if linked is not None:
-                _check_linked_stage1(linked)
+                _check_linked_stage1(linked, task, self.organ_config(task).modalities)
 
     # ---------------------------------------------------------------- paths
     @property
@@ -283,7 +283,7 @@ class ExperimentGrid:
         what = f"{scope}, " if scope else ""
         if setting == "aware" and self.linked_stage1(scope) is not None:
             return Job(_pretrain_key(scope, setting, seed), f"stage 1 ({what}aware encoders): the existing run {d}",
-                       lambda: _check_linked_stage1(d), lambda: _check_linked_stage1(d), ("data",))
+                       lambda: d.is_dir(), lambda: _check_linked_stage1(d), ("data",))
         return Job(_pretrain_key(scope, setting, seed), f"stage 1 ({what}{setting} encoders, seed {seed}): {d}",
                    lambda: (d / PRETRAIN_DONE).is_file(), lambda: self._pretrain(setting, seed, scope), ("data",))
 
@@ -421,8 +421,13 @@ class ExperimentGrid:
         return out
 
 
-def _check_linked_stage1(run: Path) -> bool:
-    """True for a finished modality-aware ``medmap pretrain`` run; a clear error otherwise."""
+def _check_linked_stage1(run: Path, task: str = "", modalities: Sequence[str] = ()) -> bool:
+    """True for a finished modality-aware ``medmap pretrain`` run with an encoder for each of
+    ``modalities``; a clear error otherwise."""
+    from safetensors import safe_open
+
+    from medmap.engines.finetune import resolve_init_checkpoint
+
     config = run / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"pretrain.run: {run} is not a stage-1 run folder (no config.yaml)")
@@ -433,6 +438,11 @@ def _check_linked_stage1(run: Path) -> bool:
     if not any((run / "metrics").glob("pretrain_*.json")):  # written when the run ends
         raise ConfigError(f"pretrain.run: {run} has not finished (no metrics/pretrain_*.json); "
                           f"finish it with `medmap pretrain --data LIST --out {run} --resume`")
+    with safe_open(str(resolve_init_checkpoint(run)), "pt") as weights:
+        keys = list(weights.keys())
+    missing = [m for m in modalities if not any(f"encoders.{m}." in k for k in keys)]
+    if missing:
+        raise ConfigError(f"pretrain.run: {run} has no stage-1 encoder for {task}'s {', '.join(missing)}")
     return True
 
 

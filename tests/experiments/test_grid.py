@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
 from medmap.cli.main import main
 from medmap.errors import ConfigError
@@ -178,9 +180,15 @@ def test_stage1_runs_that_cannot_stand_in_are_clear_errors(grid: tuple[Path, obj
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((out / "pretrain/aware_seed0/config.yaml").read_text())
+    partial = tmp_path / "partial"  # a finished run without the arterial encoder
+    shutil.copytree(out / "pretrain/aware_seed0", partial)
+    for weights in partial.rglob("model.safetensors"):
+        tensors = load_file(weights)
+        save_file({k: v for k, v in tensors.items() if ".arterial." not in k}, weights)
     for run, match in [(tmp_path / "nowhere", "not a stage-1 run folder"),
                        (out / "pretrain/shared_seed0", "one shared encoder"),
-                       (unfinished, "has not finished")]:
+                       (unfinished, "has not finished"),
+                       (partial, "has no stage-1 encoder for liver's arterial")]:
         cfg = load_experiment_config("tiny")
         cfg["pretrain"]["run"] = str(run)
         with pytest.raises(ConfigError, match=match):
