@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from medmap.config import OrganConfig, load_organ_config
 from medmap.data.studylist import Study
 from medmap.errors import ConfigError, StudyListError
+from medmap.models.norms import instance_norms_as_group_norms
 from medmap.run_config import CNNBaselineConfig, eval_batch_size, parse_run_config
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
@@ -305,7 +306,7 @@ class StackedModalityCNN(nn.Module):
             self.net = cls(**kwargs)
         except TypeError as e:
             raise ConfigError(f"cnn baseline: bad arguments for monai.networks.nets.{name}: {e}") from e
-        self.num_classes = num_classes
+        instance_norms_as_group_norms(self.net)  # as in MedMAP's encoders: the same function, faster on CPU
 
     def forward(self, images: Tensor, present: Tensor) -> Tensor:
         pres = present.to(images.dtype)[:, :, None, None, None].expand_as(images)
