@@ -12,6 +12,9 @@ config's shapes (8 phases of 24 x 24 x 16 voxels, batch 8):
   batch (``training.eval_batch_size``: 4 x 8);
 * the brain model's validation forward per study with the DenseNet trunks' max pool as
   :class:`~medmap.models.encoders.SeparableMaxPool3d` (the default) and as ``nn.MaxPool3d``;
+* the brain model's training step and validation forward per study with its encoders'
+  instance norms on PyTorch's group-norm kernel (:mod:`medmap.models.norms`, the default) and
+  on ``nn.InstanceNorm3d``, timed in turns;
 * the brain model against the time-to-accuracy DenseNet baseline: a training step (the
   brain config's batch) and the validation forward per study, MedMAP's split into the four
   sequence encoders and the rest (CSA, CCT, heads). This is the per-step side of the brain
@@ -125,6 +128,50 @@ def _brain_max_pool(iters: int) -> dict[str, float]:
     return out
 
 
+def _as_instance_norms(model: torch.nn.Module) -> int:
+    """Undo :func:`~medmap.models.norms.instance_norms_as_group_norms` (for timing): every
+    affine-free ``GroupNorm(C, C)`` becomes the ``nn.InstanceNorm3d(C)`` it stands for."""
+    from torch import nn
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm) and child.num_groups == child.num_channels and not child.affine:
+                setattr(parent, name, nn.InstanceNorm3d(child.num_channels, eps=child.eps))
+                swapped += 1
+    return swapped
+
+
+def _brain_instance_norm(iters: int) -> dict[str, float]:
+    """Brain training step and validation forward per study with the encoders' instance norms on
+    the group-norm kernel (the default) and on ``nn.InstanceNorm3d``, timed in turns."""
+    import copy
+    import statistics
+    import time
+
+    group = FinetuneSetup("brain")
+    instance = copy.deepcopy(group)
+    out: dict[str, float] = {"norms": _as_instance_norms(instance.model)}
+    images, present, labels = group.random_batch()
+    b, v_images, v_present = _validation_batch(group)
+    times: dict[str, list[float]] = {k: [] for k in ("group_step", "instance_step", "group_val", "instance_val")}
+    for i in range(iters + 1):  # in turns, so that both meet the same machine; the first round warms up
+        for name, setup in (("group", group), ("instance", instance)):
+            setup.model.train()
+            t0 = time.perf_counter()
+            setup.step(images, present, labels)
+            t1 = time.perf_counter()
+            setup.model.eval()
+            with torch.no_grad():
+                setup.model(v_images, v_present, setup.bank)
+            t2 = time.perf_counter()
+            if i:
+                times[f"{name}_step"].append(1000 * (t1 - t0))
+                times[f"{name}_val"].append(1000 * (t2 - t1) / b)
+    out.update({f"{k}_ms" if k.endswith("step") else f"{k}_ms_per_study": statistics.median(v) for k, v in times.items()})
+    return out
+
+
 def _brain_against_densenet(iters: int) -> dict[str, float]:
     """Brain training step and validation forward per study: MedMAP against the TTA DenseNet."""
     from medmap.benchmark.time_to_accuracy import paper_grid_densenet
@@ -176,10 +223,15 @@ def section_step_costs(res: dict[str, Any], args: argparse.Namespace) -> None:
     pool = _brain_max_pool(iters)
     print(f"  brain validation forward per study (batch {pool['batch']:.0f}):  separable max pool "
           f"{pool['separable_ms_per_study']:.1f} ms (the default), nn.MaxPool3d {pool['native_ms_per_study']:.1f} ms")
+    norm = _brain_instance_norm(iters)
+    print(f"  brain, instance norms on the group-norm kernel (the default) / nn.InstanceNorm3d, in turns:  "
+          f"training step {norm['group_step_ms']:.0f} / {norm['instance_step_ms']:.0f} ms, validation forward "
+          f"per study {norm['group_val_ms_per_study']:.1f} / {norm['instance_val_ms_per_study']:.1f} ms")
     vs = _brain_against_densenet(iters)
     print(f"  brain, MedMAP against the DenseNet baseline:  training step (batch {vs['batch']:.0f}) "
           f"{vs['medmap_step_ms']:.0f} ms against {vs['densenet_step_ms']:.0f} ms; validation forward per study "
           f"(batch {vs['validation_batch']:.0f}) {vs['medmap_validation_ms_per_study']:.1f} ms "
           f"(encoders {vs['medmap_encoders_validation_ms_per_study']:.1f}) against "
           f"{vs['densenet_validation_ms_per_study']:.1f} ms")
-    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest, "brain_max_pool": pool, "brain_against_densenet": vs}
+    res["step_costs"] = {"augmentation": aug, "adamw": opt, **rest, "brain_max_pool": pool,
+                          "brain_instance_norm": norm, "brain_against_densenet": vs}

@@ -119,3 +119,19 @@ def test_step_costs_times_the_brain_model_against_the_densenet_baseline() -> Non
     for key in ("medmap_step_ms", "densenet_step_ms", "medmap_validation_ms_per_study",
                 "medmap_encoders_validation_ms_per_study", "densenet_validation_ms_per_study"):
         assert vs[key] > 0
+
+
+def test_step_costs_times_the_brain_model_with_both_instance_norm_kernels() -> None:
+    from torch import nn
+
+    from medmap.benchmark import step_costs
+    from medmap.benchmark.sections import FinetuneSetup
+
+    setup = FinetuneSetup("brain")
+    group_norms = sum(isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels for m in setup.model.modules())
+    assert step_costs._as_instance_norms(setup.model) == group_norms > 0
+    assert not any(isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels for m in setup.model.modules())
+    norm = step_costs._brain_instance_norm(1)
+    assert norm["norms"] == group_norms
+    for key in ("group_step_ms", "instance_step_ms", "group_val_ms_per_study", "instance_val_ms_per_study"):
+        assert norm[key] > 0
