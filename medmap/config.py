@@ -45,7 +45,8 @@ class OrganConfig:
         classes: class names, in the order of label indices.
         spacing: target voxel spacing in millimetres (RAS x, y, z).
         roi_size: model input size in voxels after crop and pad/resize.
-        class_prompts: one or more text prompts per class (stage-2 text bank, zero-shot).
+        class_prompts: one or more text prompts per class (stage-2 text bank, zero-shot),
+            used when no ``prompts`` set is named.
         modality_descriptors: one short text per modality.
         min_modalities: a study with fewer present modalities is rejected.
         description: free text.
@@ -60,6 +61,9 @@ class OrganConfig:
             for ``patch``, the width of the file's outer shell that is context.
         patch_norm: lesion crops only: ``context`` (divide by the median of the tissue around
             the box, minus 1) or ``zscore`` (robust z-score over the patch).
+        prompts: a prompt set (built-in name under ``configs/prompts/`` or a YAML path;
+            :mod:`medmap.text.descriptors`): impression-style, negated and per-sequence
+            descriptors of every class, which replace ``class_prompts``.
         zero_outside_roi: with ``crop: roi_mask`` only: z-score each volume over the ROI mask
             instead of the body and set every voxel outside the mask to 0, so the encoder sees
             the organ and nothing around it.
@@ -78,6 +82,7 @@ class OrganConfig:
     zero_outside_roi: bool = False
     margin_mm: tuple[float, float, float] = (10.0, 10.0, 10.0)
     patch_norm: str = "context"
+    prompts: str | None = None
 
     def __post_init__(self) -> None:
         where = f"organ config '{self.name}'"
@@ -162,6 +167,7 @@ class OrganConfig:
             zero_outside_roi=d.get("zero_outside_roi", False),
             margin_mm=_three_floats(d.get("margin_mm", (10.0, 10.0, 10.0)), d.get("name"), "margin_mm"),
             patch_norm=str(d.get("patch_norm", "context")),
+            prompts=None if d.get("prompts") is None else str(d["prompts"]),
         )
 
 

@@ -58,10 +58,18 @@ class StoredTextBank:
     class_mask: Tensor
     modality_emb: Tensor
     text_model: str = ""
+    descriptor_emb: Tensor | None = None
+    descriptor_mask: Tensor | None = None
+    negative_emb: Tensor | None = None
+    negative_mask: Tensor | None = None
 
     def to(self, device: torch.device) -> "StoredTextBank":
-        return StoredTextBank(self.classes, self.modalities, self.class_emb.to(device), self.class_mask.to(device),
-                              self.modality_emb.to(device), self.text_model)
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
+        return StoredTextBank(**moved)
+
+
+#: Text-bank tensors that only a prompt set gives (medmap.text.descriptors).
+OPTIONAL_BANK_TENSORS = ("descriptor_emb", "descriptor_mask", "negative_emb", "negative_mask")
 
 
 def save_text_bank(bank: Any, run_dir: str | Path, text_model: str = "") -> Path:
@@ -72,6 +80,10 @@ def save_text_bank(bank: Any, run_dir: str | Path, text_model: str = "") -> Path
         "class_mask": bank.class_mask.detach().to(torch.uint8).contiguous().cpu(),
         "modality_emb": bank.modality_emb.detach().float().contiguous().cpu(),
     }
+    for name in OPTIONAL_BANK_TENSORS:  # a prompt set's descriptors and negated prompts
+        x = getattr(bank, name, None)
+        if x is not None:
+            tensors[name] = (x.detach().to(torch.uint8) if x.dtype == torch.bool else x.detach().float()).contiguous().cpu()
     meta = {"classes": json.dumps(list(bank.classes)), "modalities": json.dumps(list(bank.modalities)),
             "text_model": text_model}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -94,6 +106,7 @@ def load_text_bank(run_dir: str | Path) -> StoredTextBank:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt text bank ({str(e).splitlines()[0][:120]}); "
                               "re-run the fine-tuning or copy the run folder again") from e
+    optional = {k: (t[k].bool() if k.endswith("_mask") else t[k]) for k in OPTIONAL_BANK_TENSORS if k in t}
     return StoredTextBank(
         classes=json.loads(meta.get("classes", "[]")),
         modalities=json.loads(meta.get("modalities", "[]")),
@@ -101,6 +114,7 @@ def load_text_bank(run_dir: str | Path) -> StoredTextBank:
         class_mask=t["class_mask"].bool(),
         modality_emb=t["modality_emb"],
         text_model=meta.get("text_model", ""),
+        **optional,
     )
 
 

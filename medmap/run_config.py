@@ -52,6 +52,7 @@ class TextSection:
 
     model: str = "all-MiniLM-L6-v2"  # or a local sentence-transformers / Hugging Face folder
     cache_dir: str | None = None     # null = <study list folder>/.medmap_cache/text
+    prompts: str | None = None       # prompt set (configs/prompts/<name>.yaml or a path); null = the organ's
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class PretrainEncoder:
 @dataclass(frozen=True)
 class PretrainAblation:
     modality_aware: bool = True     # false: one shared encoder for all sequences (as in stage 2)
+    impression: bool = False        # true: also align the study embedding with the impression
+                                    # (the shipped configs; false = the findings-only form of the paper)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class ContrastiveLossSection:
     modality_weights: dict[str, float] = field(default_factory=dict)  # modality -> w_m (1 each)
     normalize_weights: bool = True  # divide by the sum of w_m of the groups in the batch
     min_group_size: int = 2
+    impression_weight: float = 1.0  # weight of the study-impression term (with ablation.impression)
 
 
 @dataclass(frozen=True)
@@ -120,12 +124,22 @@ class PretrainTraining(TrainingSection):
 
 
 @dataclass(frozen=True)
+class ZeroShotSection:
+    """How zero-shot scores weigh their parts (medmap.models.joint)."""
+
+    study: float = 1.0              # the study embedding against impression-style class prompts
+    sequences: float = 1.0          # each sequence against its own class descriptors
+    negatives: bool = True          # subtract the negated prompts' similarity (prompt sets that have them)
+
+
+@dataclass(frozen=True)
 class EvalSection:
     """Stage 1's held-out evaluation (retrieval and zero-shot)."""
 
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 4
     every_steps: int = 0            # > 0: evaluate every N steps and keep checkpoints/best
+    zero_shot: ZeroShotSection = field(default_factory=ZeroShotSection)
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,18 @@ class CCTSection:
 
 
 @dataclass(frozen=True)
+class JointHeadSection:
+    """Stage 2's ``model.joint``: the joint-space similarity head (``model.sim_head: joint``),
+    whose projections must be those of the stage-1 run it starts from."""
+
+    embed_dim: int = 128            # stage 1's model.embed_dim
+    vision_proj: str = "linear"     # stage 1's model.vision_proj
+    text_proj: str = "mlp"          # stage 1's model.text_proj
+    study: bool = True              # stage 1's ablation.impression (the study projection)
+    zero_shot: "ZeroShotSection" = field(default_factory=lambda: ZeroShotSection())
+
+
+@dataclass(frozen=True)
 class ClassifierModelSection:
     """Stage 2's ``model`` (see :class:`medmap.models.medmap.MedMAPModelConfig`)."""
 
@@ -177,6 +203,8 @@ class ClassifierModelSection:
     token_positions: bool = False
     token_fusion: str = "sequence"  # sequence | location
     sequence_exchange: bool = False
+    sim_head: str = "cct"           # cct: tau cos(v*, q*_c) (the paper) | joint: stage 1's zero-shot classifier, refined
+    joint: JointHeadSection = field(default_factory=JointHeadSection)
 
 
 @dataclass(frozen=True)
@@ -218,9 +246,13 @@ class FinetuneTraining(TrainingSection):
     ckpt_every: int = 1             # epochs between checkpoints/last
     val_every: int = 1              # epochs between validations; the last epoch is always validated
     val_every_steps: int = 0        # > 0: also validate every N steps (finer model selection, time to accuracy)
+    val_at_start: bool = False      # also validate before the first step (a joint head starts as the zero-shot classifier)
     eval_batch_size: int | None = None  # studies per forward pass in validation; null = 4 x batch_size
     ema_decay: float | None = None  # validate and keep (best) a moving average of the weights; null = as trained
     select_metric: str = "balanced_accuracy"  # model selection on the validation split only
+    mode: str = "full"              # full | frozen_encoders | lp_ft | last_stages (medmap.models.freeze)
+    lp_fraction: float = 0.5        # lp_ft: share of the steps with frozen encoders
+    trainable_stages: int = 1       # last_stages: how many of each encoder's last stages train
 
 
 @dataclass(frozen=True)

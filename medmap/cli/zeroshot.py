@@ -4,6 +4,7 @@ Example::
 
     medmap zeroshot runs/pretrain --data data/studies.jsonl --organ liver              # test split
     medmap zeroshot runs/pretrain --data data/studies.jsonl --organ brain --split val --out zs/
+    medmap zeroshot runs/pretrain --data data/studies.jsonl --organ liver --prompts my_prompts.yaml
 """
 
 from __future__ import annotations
@@ -31,15 +32,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default RUN_DIR/metrics/zeroshot_<organ>_<split>)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--prompts", default=None,
+                   help="prompt set: a built-in name (liver, brain) or a YAML file of class descriptors "
+                   "(docs/pretraining.md); default: the run's text.prompts, else the organ's")
+    p.add_argument("--study-weight", type=float, default=None,
+                   help="weight of the study embedding against impression-style prompts (default: the run's eval.zero_shot.study)")
+    p.add_argument("--sequence-weight", type=float, default=None,
+                   help="weight of each sequence against its own descriptors (default: the run's eval.zero_shot.sequences)")
+    p.add_argument("--no-negatives", action="store_true", help="do not subtract the negated prompts' similarity")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medmap.cli.evaluate import print_summary
-    from medmap.engines.zeroshot import zero_shot_classify
+    import dataclasses
 
+    from medmap.cli.evaluate import print_summary
+    from medmap.engines.pretrain import zero_shot_weights
+    from medmap.engines.zeroshot import read_stage1_run, zero_shot_classify
+
+    weights = None
+    if args.study_weight is not None or args.sequence_weight is not None or args.no_negatives:
+        weights = zero_shot_weights(read_stage1_run(args.run_dir, args.checkpoint).cfg)
+        changes = {"study": args.study_weight, "sequences": args.sequence_weight,
+                   "negatives": False if args.no_negatives else None}
+        weights = dataclasses.replace(weights, **{k: v for k, v in changes.items() if v is not None})
     m = zero_shot_classify(args.run_dir, args.data, args.organ, split=args.split, which=args.checkpoint,
-                           n_bootstrap=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, device=args.device)
+                           n_bootstrap=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, device=args.device,
+                           prompts=args.prompts, weights=weights)
     print_summary(f"{args.run_dir} zero-shot, {args.organ} on {args.split}", m,
                   ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1", "ece"))
     return 0

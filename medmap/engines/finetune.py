@@ -57,8 +57,9 @@ from medmap.evaluation.metrics import compute_metrics
 from medmap.evaluation.report import evaluate_and_report
 from medmap.inference import ORGAN_FILE, RUN_INFO_FILE, load_text_bank, predict_probabilities, save_text_bank
 from medmap.losses.finetune import build_medmap_loss, class_weights_from_labels
+from medmap.models.freeze import EncoderFreeze
 from medmap.models.medmap import build_medmap_classifier, load_encoders_from_pretrain
-from medmap.run_config import FinetuneConfig, eval_batch_size, finetune_config, pretrain_config
+from medmap.run_config import FinetuneConfig, PretrainConfig, eval_batch_size, finetune_config, pretrain_config
 from medmap.text.cache import run_text_cache
 from medmap.text.prompts import build_text_bank
 from medmap.utils import atomic_write_json, atomic_write_text, derive_seed, seed_everything
@@ -79,12 +80,20 @@ def resolve_init_checkpoint(init: str | Path) -> Path:
     raise CheckpointError(f"--init {init}: no stage-1 checkpoint found (expected checkpoints/best or checkpoints/last)")
 
 
-def _check_init_arch(cfg: FinetuneConfig, init: Path) -> None:
-    """Refuse an ``--init`` run whose encoder arch / sharing differs from this config's."""
+def _init_run_config(init: Path) -> PretrainConfig | None:
+    """The stage-1 config of the run whose checkpoint ``init`` is (``None`` for a bare weights file)."""
     run_dir = init.parent.parent.parent if init.parent.parent.name == "checkpoints" else None
     if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    return pretrain_config(load_yaml(run_dir / "config.yaml"))
+
+
+def _check_init_arch(cfg: FinetuneConfig, init: Path) -> None:
+    """Refuse an ``--init`` run whose encoder arch / sharing (or, for the joint similarity head,
+    whose projections) differ from this config's."""
+    pre = _init_run_config(init)
+    if pre is None:
         return
-    pre = pretrain_config(load_yaml(run_dir / "config.yaml"))
     arch = cfg.encoder.arch
     if arch is not None and pre.encoder.arch != arch:
         raise ConfigError(f"--init run used encoder.arch={pre.encoder.arch!r} but this config has {arch!r}; "
@@ -92,6 +101,29 @@ def _check_init_arch(cfg: FinetuneConfig, init: Path) -> None:
     if pre.ablation.modality_aware != cfg.ablation.modality_aware:
         raise ConfigError("--init run and this config disagree on modality-aware vs shared encoders "
                           "(ablation.modality_aware of the stage-1 run and of this config)")
+    if cfg.model.sim_head == "joint" and cfg.ablation.text:
+        j, want = cfg.model.joint, {"embed_dim": pre.model.embed_dim, "vision_proj": pre.model.vision_proj,
+                                    "text_proj": pre.model.text_proj, "study": pre.ablation.impression}
+        differ = [f"model.joint.{k}={v}" for k, v in want.items() if getattr(j, k) != v]
+        if differ:
+            raise ConfigError(f"--init run's projections differ from model.joint; set {' '.join('--set ' + d for d in differ)}")
+
+
+def _init_joint_head(model: nn.Module, weights: Path, organ_modalities: list[str]) -> int:
+    """Start the joint similarity head from stage 1's projections (``model.sim_head: joint``);
+    returns the number of tensors set."""
+    from safetensors.torch import load_file
+
+    from medmap.models.joint import load_joint_head
+
+    pre = _init_run_config(weights)
+    if pre is not None:
+        stage1_modalities: list[str] = []
+        for spec in pre.data.organs:
+            stage1_modalities += [m for m in load_organ_config(spec).modalities if m not in stage1_modalities]
+    else:
+        stage1_modalities = list(organ_modalities)
+    return len(load_joint_head(model.joint_head, load_file(str(weights)), stage1_modalities))
 
 
 def _loader(ds: StudyDataset, batches: list[list[int]], num_workers: int) -> DataLoader:
@@ -175,7 +207,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
     if abl.text:
         if info.is_main and last is None:
             tcache = run_text_cache(cfg.text, cache_root / "text")
-            built = build_text_bank(organ, tcache)
+            built = build_text_bank(organ, tcache, cfg.text.prompts)
             save_text_bank(built, run_dir, text_model=tcache.model_id)
         barrier(info)
         bank = load_text_bank(run_dir).to(info.device)
@@ -189,6 +221,8 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
         rep = load_encoders_from_pretrain(model, weights)
         init_report = {"init": str(weights), "loaded": len(rep.loaded), "missing": rep.missing[:20],
                        "unexpected": len(rep.unexpected), "summary": rep.summary()}
+        if model.joint_head is not None:
+            init_report["joint_head_loaded"] = _init_joint_head(model, weights, organ.modalities)
         if info.is_main:
             print(f"encoders initialised from {weights}: {rep.summary()}")
     elif abl.pretrained and init is None and last is None and info.is_main:
@@ -220,9 +254,10 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
                     validate_every_steps=tcfg.val_every_steps,
                     ckpt_every_steps=tcfg.ckpt_every_steps,
                     ckpt_every_epochs=max(1, tcfg.ckpt_every), select_metric=tcfg.select_metric,
-                    ema_decay=tcfg.ema_decay)
+                    ema_decay=tcfg.ema_decay, validate_at_start=tcfg.val_at_start)
     loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress,
                         desc=f"finetune {organ.name}")
+    freeze = EncoderFreeze(model, tcfg.mode, total_steps, tcfg.lp_fraction, tcfg.trainable_stages)
     logger = loop.start(last)
     if last is None and info.is_main:
         atomic_write_json(run_dir / RUN_INFO_FILE, {
@@ -237,6 +272,7 @@ def _finetune(raw: Mapping[str, Any], cfg: FinetuneConfig, study_list: Path, run
     num_workers = cfg.run.num_workers
 
     def step_fn(batch: dict[str, Any]) -> StepResult:
+        freeze.apply(loop.step)
         with loop.autocast():
             out = train_model(batch["images"].to(info.device), batch["present"].to(info.device), bank)
         loss, parts = loss_fn({k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()},

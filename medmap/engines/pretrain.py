@@ -55,6 +55,7 @@ from medmap.errors import ConfigError, StudyListError
 from medmap.engines.trainer import LoopPlan, StepResult, TrainingLoop, Validation
 from medmap.evaluation.retrieval import retrieval_metrics
 from medmap.losses.contrastive import build_contrastive_loss
+from medmap.models.joint import ZeroShotWeights, joint_logits, project_class_text
 from medmap.models.pretrain import MedMAPPretrainModel, build_pretrain_model
 from medmap.precision import autocast_context
 from medmap.run_config import PretrainConfig, pretrain_config
@@ -111,17 +112,20 @@ def prepare_data(cfg: Mapping[str, Any] | PretrainConfig, study_list: str | Path
     held_out = [s for s in studies if s.split == split]
     if not train:
         raise StudyListError(f"{study_list}: no studies in the training split")
-    train = _with_findings(train, study_list, "training", info.is_main)
-    held_out = _with_findings(held_out, study_list, None, info.is_main)
+    impressions = cfg.ablation.impression
+    train = _with_text(train, study_list, "training", info.is_main, impressions)
+    held_out = _with_text(held_out, study_list, None, info.is_main, impressions)
     preflight_studies(train + held_out, default_cache_root(study_list) / "preflight.json")  # before the text encoder
     default_text_dir = default_cache_root(study_list) / "text"
     texts = study_texts(train) + study_texts(held_out)
+    if impressions:
+        texts += [s.impression for s in train + held_out if s.impression]
     tables: dict[str, Any] = {}
 
     def build() -> None:
         cache = run_text_cache(cfg.text, default_text_dir, progress=info.is_main and cfg.run.progress)
         tables["table"] = TextTable(texts, cache)
-        tables["banks"] = {n: build_text_bank(o, cache) for n, o in organs.items()}
+        tables["banks"] = {n: build_text_bank(o, cache, cfg.text.prompts) for n, o in organs.items()}
 
     if info.is_main:
         build()
@@ -135,14 +139,18 @@ def _has_findings(study: Study) -> bool:
     return any((study.findings or {}).get(m) for m in study.modalities)
 
 
-def _with_findings(studies: list[Study], study_list: str | Path, required: str | None, verbose: bool) -> list[Study]:
-    """Stage 1 pairs each sequence with its findings text: keep the studies that have any."""
-    kept = [s for s in studies if _has_findings(s)]
+def _with_text(studies: list[Study], study_list: str | Path, required: str | None, verbose: bool,
+               impressions: bool) -> list[Study]:
+    """Stage 1 pairs each sequence with its findings text (and, with the impression alignment,
+    the study with its impression): keep the studies that have any of these texts."""
+    kept = [s for s in studies if _has_findings(s) or (impressions and s.impression)]
+    what = "findings or an impression" if impressions else "findings"
     if required and not kept:
-        raise StudyListError(f"{study_list}: none of the {len(studies)} {required} studies has findings; stage 1 "
-                             "pairs every sequence with its findings text ('findings': {modality: text})")
+        raise StudyListError(f"{study_list}: none of the {len(studies)} {required} studies has {what}; stage 1 "
+                             "pairs every sequence with its findings text ('findings': {modality: text})"
+                             + (" and the study with its 'impression'" if impressions else ""))
     if len(kept) < len(studies) and verbose:
-        print(f"note: {len(studies) - len(kept)} of {len(studies)} {required or 'held-out'} studies have no findings "
+        print(f"note: {len(studies) - len(kept)} of {len(studies)} {required or 'held-out'} studies have no {what} "
               "and are left out of stage 1")
     return kept
 
@@ -167,76 +175,99 @@ def batch_text(batch: Mapping[str, Any], table: TextTable, present: Tensor) -> t
     return emb, ids, usable
 
 
+def batch_impressions(batch: Mapping[str, Any], table: TextTable) -> tuple[Tensor, Tensor, Tensor]:
+    """Frozen impression embeddings ``[B, D]``, their text ids ``[B]`` and which studies have one."""
+    b = len(batch["impression"])
+    emb = torch.zeros(b, table.embeddings.shape[1])
+    ids = torch.full((b,), -1, dtype=torch.long)
+    ok = torch.zeros(b, dtype=torch.bool)
+    for i, t in enumerate(batch["impression"]):
+        if t and t in table.index:
+            k = table.index[t]
+            emb[i], ids[i], ok[i] = table.embeddings[k], k, True
+    return emb, ids, ok
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def embed_held_out(
     model: MedMAPPretrainModel, dataset: StudyDataset, table: TextTable, device: torch.device, precision: str, batch_size: int
 ) -> dict[str, Any]:
-    """Per modality: projected volume and text embeddings, text ids; per study: label, presence."""
+    """Per modality: projected volume and text embeddings, text ids; per study: label, presence,
+    the sequence embeddings (``study_v``) and, with the impression alignment, the study embedding
+    (``study_s``); impression pairs for retrieval under ``per_modality["study"]``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_studies)
     mods = dataset.organ.modalities
-    per_mod: dict[str, dict[str, list[Tensor]]] = {m: {"v": [], "t": [], "ids": [], "row": []} for m in mods}
-    labels, study_v, row0 = [], [], 0
+    per_mod: dict[str, dict[str, list[Tensor]]] = {m: {"v": [], "t": [], "ids": []} for m in [*mods, "study"]}
+    labels, study_v, study_s = [], [], []
     for batch in loader:
         present = batch["present"]
         emb, ids, usable = batch_text(batch, table, present)
         images = batch["images"].to(device)
         b = images.shape[0]
         vs = torch.zeros(b, len(mods), model.embed_dim)
+        pooled: dict[str, tuple[Tensor, Tensor]] = {}
         with autocast_context(precision, device):
             for j, m in enumerate(mods):
                 rows = present[:, j].nonzero(as_tuple=True)[0]
                 if rows.numel() == 0:
                     continue
-                v = model.encode_volume(images[rows, j : j + 1], m).float().cpu()
+                z = model.encoders(images[rows, j : j + 1], m).pooled
+                pooled[m] = (rows.to(device), z)
+                v = model.project_volume(z, m).float().cpu()
                 vs[rows, j] = v
                 ok = usable[rows, j]
                 if ok.any():
                     per_mod[m]["v"].append(v[ok])
                     per_mod[m]["t"].append(model.encode_text(emb[rows[ok], j].to(device)).float().cpu())
                     per_mod[m]["ids"].append(ids[rows[ok], j])
+            if model.study_alignment and pooled:
+                s, _ = model.encode_study(pooled, b)
+                s = s.float().cpu()
+                study_s.append(s)
+                imp, imp_ids, imp_ok = batch_impressions(batch, table)
+                if imp_ok.any():
+                    per_mod["study"]["v"].append(s[imp_ok])
+                    per_mod["study"]["t"].append(model.encode_text(imp[imp_ok].to(device)).float().cpu())
+                    per_mod["study"]["ids"].append(imp_ids[imp_ok])
         labels.append(batch["label"])
         study_v.append((vs, present))
-        row0 += b
     merged = {m: {k: torch.cat(x) for k, x in d.items() if x} for m, d in per_mod.items()}
-    return {"per_modality": merged, "labels": torch.cat(labels), "study_v": study_v}
+    return {"per_modality": merged, "labels": torch.cat(labels), "study_v": study_v,
+            "study_s": study_s if study_s else None}
 
 
 @torch.no_grad()
 def zero_shot_logits(
-    model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], device: torch.device
+    model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], device: torch.device,
+    study_s: list[Tensor] | None = None, weights: ZeroShotWeights = ZeroShotWeights(),
 ) -> Tensor:
-    """Zero-shot class logits ``[N, C]`` of the studies embedded by :func:`embed_held_out`.
-
-    Per study: the mean over present modalities of ``exp(t_m) <g_m(z_m), h(prompt_c)>``, each
-    class embedding being the normalised mean of its projected prompts. Shared by
-    :func:`zero_shot_metrics` and :mod:`medmap.engines.zeroshot`.
-    """
-    c, p, d = bank.class_emb.shape
-    proj = model.encode_text(bank.class_emb.reshape(c * p, d).to(device)).float().cpu().reshape(c, p, -1)
-    mask = bank.class_mask.unsqueeze(-1).float()
-    cls = torch.nn.functional.normalize((proj * mask).sum(1), dim=-1)  # [C, k]
+    """Zero-shot class logits ``[N, C]`` of the studies embedded by :func:`embed_held_out`
+    (:func:`medmap.models.joint.joint_logits`: the study embedding against the impression-style
+    prompts, each sequence against its own class descriptors). Shared by
+    :func:`zero_shot_metrics` and :mod:`medmap.engines.zeroshot`."""
+    text = project_class_text(lambda u: model.encode_text(u.to(device)).float().cpu(), bank)
     scale = model.logit_scale().detach().cpu()
-    mod_idx = torch.tensor([model.modality_index(m) for m in bank.modalities])
-    logits_all = []
-    for vs, present in study_v:
-        lg = torch.einsum("bmk,ck->bmc", vs, cls) * scale[mod_idx][None, :, None]
-        pm = present.unsqueeze(-1).float()
-        logits_all.append((lg * pm).sum(1) / pm.sum(1).clamp_min(1))
-    return torch.cat(logits_all) if logits_all else torch.zeros(0, c)
+    seq_scale = scale[torch.tensor([model.modality_index(m) for m in bank.modalities])]
+    study_scale = model.study_scale().detach().cpu() if model.study_alignment else 1.0
+    out = []
+    for i, (vs, present) in enumerate(study_v):
+        s = study_s[i] if study_s is not None else None
+        out.append(joint_logits(vs, present, s, text, seq_scale, study_scale, weights))
+    return torch.cat(out) if out else torch.zeros(0, bank.class_emb.shape[0])
 
 
 def zero_shot_metrics(
-    model: MedMAPPretrainModel, bank: TextBank, study_v: list[tuple[Tensor, Tensor]], labels: Tensor, device: torch.device
+    model: MedMAPPretrainModel, bank: TextBank, emb: Mapping[str, Any], device: torch.device,
+    weights: ZeroShotWeights = ZeroShotWeights(),
 ) -> dict[str, Any]:
-    """Zero-shot classification: mean over present modalities of ``exp(t_m) <g_m(z_m), h(prompt_c)>``.
-
-    Each class embedding is the normalised mean of its projected prompts.
-    """
+    """Zero-shot classification of the studies of :func:`embed_held_out` (``emb``) from the
+    bank's class prompts and descriptors (:func:`zero_shot_logits`)."""
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     c = bank.class_emb.shape[0]
-    logits = zero_shot_logits(model, bank, study_v, device)
+    labels = emb["labels"]
+    logits = zero_shot_logits(model, bank, emb["study_v"], device, emb.get("study_s"), weights)
     keep = labels >= 0
     y = labels[keep].numpy()
     if len(y) == 0:
@@ -283,16 +314,23 @@ def evaluate_pretraining(
         emb = embed_held_out(model, ds, data.table, device, precision, cfg.eval.batch_size)
         for m, d in emb["per_modality"].items():
             if "v" in d and len(d["v"]) >= 2:
-                result["retrieval"][m] = {"organ": name, **retrieval_metrics(d["v"], d["t"], d["ids"], ks)}
-        result["zero_shot"][name] = zero_shot_metrics(model, data.banks[name], emb["study_v"], emb["labels"], device)
+                key = m if m != "study" else f"{name} impression"
+                result["retrieval"][key] = {"organ": name, **retrieval_metrics(d["v"], d["t"], d["ids"], ks)}
+        result["zero_shot"][name] = zero_shot_metrics(model, data.banks[name], emb, device, zero_shot_weights(cfg))
     model.train(was_training)
-    r = result["retrieval"]
+    r = {k: v for k, v in result["retrieval"].items() if not k.endswith(" impression")}  # the mean is over sequences
     if r:
         for k in ks:
             for direction in ("v2t", "t2v"):
                 result[f"mean_{direction}_R@{k}"] = float(np.mean([x[f"{direction}_R@{k}"] for x in r.values()]))
                 result[f"mean_{direction}_R@{k}_chance"] = float(np.mean([x[f"{direction}_R@{k}_chance"] for x in r.values()]))
     return result
+
+
+def zero_shot_weights(cfg: Mapping[str, Any] | PretrainConfig) -> ZeroShotWeights:
+    """The ``eval.zero_shot`` weights of a stage-1 config."""
+    z = pretrain_config(cfg).eval.zero_shot
+    return ZeroShotWeights(study=z.study, sequences=z.sequences, negatives=z.negatives)
 
 
 def metrics_markdown(metrics: Mapping[str, Any]) -> str:
@@ -329,6 +367,27 @@ def write_metrics(run_dir: Path, metrics: Mapping[str, Any], name: str) -> None:
 
 
 # --------------------------------------------------------------------------- training
+def _stage1_loss(out: Mapping[str, Tensor], ids: Tensor, imp_ids: Tensor | None, loss_fn: nn.Module,
+                 study_loss_fn: nn.Module, cfg: PretrainConfig, device: torch.device) -> tuple[Tensor, dict[str, float]]:
+    """``L_pre`` over the findings pairs plus ``impression_weight x`` the study-impression term."""
+    scale = out["logit_scale"].float()
+    loss = scale.sum() * 0.0
+    logs: dict[str, float] = {"mean_logit_scale": float(scale.detach().mean())}
+    if "v" in out:
+        pi = out["pair_index"].cpu()
+        findings = loss_fn(out["v"].float(), out["t"].float(), ids[pi[:, 0], pi[:, 1]].to(device), out["modality"], scale)
+        loss = loss + findings
+        logs.update(pairs=float(out["v"].shape[0]), loss_findings=float(findings.detach()))
+    if "s" in out and imp_ids is not None:
+        rows = out["study_rows"].cpu()
+        group = torch.zeros(rows.numel(), dtype=torch.long, device=device)
+        study = study_loss_fn(out["s"].float(), out["s_text"].float(), imp_ids[rows].to(device), group,
+                              out["study_scale"].float().reshape(1))
+        loss = loss + cfg.loss.impression_weight * study
+        logs.update(loss_impression=float(study.detach()), study_scale=float(out["study_scale"].detach()))
+    return loss, logs
+
+
 def run_pretraining(
     cfg: Mapping[str, Any], study_list: str | Path, run_dir: str | Path, resume: bool = False
 ) -> dict[str, Any]:
@@ -372,6 +431,7 @@ def run_pretraining(
 
         model = build_pretrain_model(cfg, data.organs, text_dim=data.table.embeddings.shape[1]).to(info.device)
         loss_fn = build_contrastive_loss(cfg, model)
+        study_loss_fn = build_contrastive_loss(cfg, model, study=True)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
         optimizer = build_adamw(
@@ -394,15 +454,15 @@ def run_pretraining(
 
         def step_fn(batch: dict[str, Any]) -> StepResult:
             organ = data.organs[batch["organ"]]
-            emb, ids, usable = batch_text(batch, data.table, batch["present"])
+            present = batch["present"]
+            emb, ids, usable = batch_text(batch, data.table, present)
+            imp, imp_ids, imp_ok = batch_impressions(batch, data.table) if model.study_alignment else (None, None, None)
             with loop.autocast():
-                out = train_model(batch["images"].to(info.device), usable.to(info.device), organ.modalities, emb.to(info.device))
-            pi = out["pair_index"].cpu()
-            text_ids = ids[pi[:, 0], pi[:, 1]].to(info.device)
-            loss = loss_fn(out["v"].float(), out["t"].float(), text_ids, out["modality"], out["logit_scale"].float())
-            logs = {"epoch": loop.step // steps_per_epoch, "pairs": float(out["v"].shape[0]),
-                    "mean_logit_scale": float(out["logit_scale"].detach().mean())}
-            return StepResult(loss, logs, {"organ": organ.name})
+                out = train_model(batch["images"].to(info.device), present.to(info.device), organ.modalities,
+                                  emb.to(info.device), usable.to(info.device),
+                                  None if imp is None else imp.to(info.device), None if imp_ok is None else imp_ok.to(info.device))
+            loss, logs = _stage1_loss(out, ids, imp_ids, loss_fn, study_loss_fn, cfg, info.device)
+            return StepResult(loss, {"epoch": loop.step // steps_per_epoch, **logs}, {"organ": organ.name})
 
         def validate() -> Validation | None:
             if not data.held_out:

@@ -63,6 +63,7 @@ class LoopPlan:
     ckpt_every_epochs: int = 0
     select_metric: str = "score"
     ema_decay: float | None = None  # validate and save an exponential moving average of the weights
+    validate_at_start: bool = False  # also validate the model before its first step (a stage-1 zero-shot start)
 
     def epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
@@ -107,7 +108,8 @@ class TrainingLoop:
         self.run_dir, self.cfg, self.model = Path(run_dir), cfg, model
         self.optimizer, self.scheduler, self.plan, self.info = optimizer, scheduler, plan, info
         self.progress, self.desc, self.tensorboard = progress and info.is_main, desc, tensorboard
-        self.step, self.best_score, self.best_epoch = 0, -math.inf, -1
+        self.step, self.best_score, self.best_epoch = 0, -math.inf, -1  # best_epoch -1: none, or the starting model
+        self.has_best = False
         self._started, self._elapsed_before = time.perf_counter(), 0.0
         self._resumed_rng: Mapping[str, Any] | None = None
         self.logger: RunLogger | None = None
@@ -136,6 +138,7 @@ class TrainingLoop:
             extra = dict(state.get("extra") or {})
             self.best_score = float(extra.get("best_score", -math.inf))
             self.best_epoch = int(extra.get("best_epoch", -1))
+            self.has_best = bool(extra.get("has_best", self.best_epoch >= 0))
             self._elapsed_before = float(extra.get("elapsed_s", 0.0))  # time to accuracy spans interruptions
             if self.ema is not None and extra.get("ema") is not None:
                 self.ema.load_state_dict(extra["ema"])
@@ -160,6 +163,8 @@ class TrainingLoop:
             raise RuntimeError("TrainingLoop.start() must be called before run()")
         plan = self.plan
         bar = progress_bar(plan.total_steps, initial=self.step, enabled=self.progress, desc=self.desc)
+        if plan.validate_at_start and self.step == 0:
+            self._validate(validate, -1, bar)  # a model that starts as a classifier competes for best
         while self.step < plan.total_steps:
             epoch, skip = divmod(self.step, plan.steps_per_epoch)
             seed_everything(derive_seed(plan.seed, epoch, self.info.rank))
@@ -206,10 +211,12 @@ class TrainingLoop:
     def _validate(self, validate: Callable[[], Validation | None] | None, epoch: int, bar: Any) -> None:
         if validate is None:
             return
+        was_training = self.model.training
         if self.info.is_main:
             with self.averaged_weights():
                 result = validate()
                 self._record(result, epoch, bar)  # the best checkpoint holds the weights validated
+        self.model.train(was_training)  # validation switches to eval mode; the epoch goes on training
         barrier(self.info)
 
     @contextlib.contextmanager
@@ -231,20 +238,21 @@ class TrainingLoop:
         if result is None:
             return
         self.logger.log(self.step, {"epoch": epoch, **result.logs, "elapsed_s": self.elapsed()})
-        improved = result.score > self.best_score or self.best_epoch < 0  # an undefined score still leaves a best
+        improved = result.score > self.best_score or not self.has_best  # an undefined score still leaves a best
         if result.message:
-            bar.write(f"epoch {epoch + 1}/{self.plan.epochs()}: {result.message}" + (" (best)" if improved else ""))
+            when = f"epoch {epoch + 1}/{self.plan.epochs()}" if epoch >= 0 else "before training"
+            bar.write(f"{when}: {result.message}" + (" (best)" if improved else ""))
         if improved:
-            self.best_score, self.best_epoch = result.score, epoch
-            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, step=self.step, epoch=epoch,
-                            config=self.cfg, extra={"best_score": self.best_score, "best_epoch": epoch,
+            self.best_score, self.best_epoch, self.has_best = result.score, epoch, True
+            save_checkpoint(self.run_dir / "checkpoints" / "best", self.model, step=self.step, epoch=max(epoch, 0),
+                            config=self.cfg, extra={"best_score": self.best_score, "best_epoch": epoch, "has_best": True,
                                                     "metric": self.plan.select_metric})
 
     def _save_last(self, epoch: int) -> None:
         if self.info.is_main:
             save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self.optimizer, self.scheduler,
                             step=self.step, epoch=epoch, config=self.cfg,
-                            extra={"best_score": self.best_score, "best_epoch": self.best_epoch,
+                            extra={"best_score": self.best_score, "best_epoch": self.best_epoch, "has_best": self.has_best,
                                    "elapsed_s": self.elapsed(),
                                    "ema": self.ema.state_dict() if self.ema is not None else None})
         barrier(self.info)

@@ -1,10 +1,12 @@
 """Zero-shot classification with a stage-1 (pre-training) run: class prompts, no fine-tuning.
 
 ``medmap zeroshot STAGE1_RUN --data STUDY_LIST --organ ORGAN [--split test]`` runs
-:func:`zero_shot_classify`. Each study is scored against the organ's class prompts exactly as
+:func:`zero_shot_classify`. Each study is scored against the organ's prompt set exactly as
 stage 1 scores its held-out split during pre-training (:func:`~medmap.engines.pretrain.embed_held_out`
-and :func:`~medmap.engines.pretrain.zero_shot_logits`: the mean over present modalities of
-``exp(t_m) <g_m(z_m), h(prompt_c)>``); the softmax over classes is the predicted probability.
+and :func:`~medmap.engines.pretrain.zero_shot_logits`: the study embedding against the
+impression-style class prompts, each sequence against its own class descriptors;
+:mod:`medmap.models.joint`); the softmax over classes is the predicted probability. ``--prompts
+FILE`` scores with a user's own prompt set instead (:mod:`medmap.text.descriptors`).
 The outputs are those of ``medmap evaluate`` (``metrics.json`` with bootstrap CIs, ``report.md``,
 plots, ``predictions.csv``), by default in ``STAGE1_RUN/metrics/zeroshot_<organ>_<split>/``,
 so zero-shot and fine-tuned models are compared on the same footing.
@@ -25,9 +27,10 @@ from medmap.data.split import patient_splits
 from medmap.data.studylist import SPLITS, read_study_list
 from medmap.data.validate import preflight_studies
 from medmap.engines.common import find_checkpoint
-from medmap.engines.pretrain import embed_held_out, zero_shot_logits
+from medmap.engines.pretrain import embed_held_out, zero_shot_logits, zero_shot_weights
 from medmap.errors import CheckpointError, ConfigError, MedMAPError, StudyListError
 from medmap.evaluation.report import evaluate_and_report, write_predictions
+from medmap.models.joint import ZeroShotWeights
 from medmap.models.pretrain import MedMAPPretrainModel, build_pretrain_model
 from medmap.run_config import PretrainConfig, pretrain_config
 from medmap.text.cache import run_text_cache
@@ -110,6 +113,8 @@ def zero_shot_classify(
     batch_size: int = 4,
     out_dir: str | Path | None = None,
     device: str = "auto",
+    prompts: str | Path | None = None,
+    weights: ZeroShotWeights | None = None,
 ) -> dict[str, Any]:
     """Classify the labelled ``organ`` studies of ``split`` from class prompts; write metrics and report.
 
@@ -124,6 +129,9 @@ def zero_shot_classify(
         batch_size: studies per forward pass.
         out_dir: default ``RUN_DIR/metrics/zeroshot_<organ>_<split>``.
         device: ``auto``, ``cpu``, ``cuda``.
+        prompts: a prompt set (built-in name or YAML path); default: the run's ``text.prompts``,
+            else the organ's.
+        weights: how the zero-shot parts are weighed; default: the run's ``eval.zero_shot``.
 
     Returns:
         The metrics dict of :func:`medmap.evaluation.metrics.compute_metrics` (also in
@@ -148,12 +156,14 @@ def zero_shot_classify(
     studies = [s for s in patient_splits(studies) if s.split == split]
     if not studies:
         raise StudyListError(f"{study_list}: no labelled {org.name} studies in the {split} split")
-    # zero-shot reads images only: findings texts are neither needed nor embedded
-    studies = [dataclasses.replace(s, findings={}) for s in studies]
+    # zero-shot reads images only: findings and impressions are neither needed nor embedded
+    studies = [dataclasses.replace(s, findings={}, impression="") for s in studies]
     cache_root = default_cache_root(study_list)
     preflight_studies(studies, cache_root / "preflight.json")
     text_cache = run_text_cache(run.cfg.text, cache_root / "text")
-    bank: TextBank = build_text_bank(org, text_cache)
+    prompt_spec = prompts if prompts is not None else run.cfg.text.prompts
+    bank: TextBank = build_text_bank(org, text_cache, prompt_spec)
+    weights = weights or zero_shot_weights(run.cfg)
     model = load_stage1_model(run, text_dim=bank.dim)
     dev = pick_device(device)
     model.to(dev)
@@ -161,7 +171,7 @@ def zero_shot_classify(
     pcache_dir = run.cfg.data.cache_dir or cache_root / "preprocess"
     ds = StudyDataset(studies, org, cache=PreprocessCache(pcache_dir))
     emb = embed_held_out(model, ds, TextTable([], text_cache), dev, precision, batch_size)
-    logits = zero_shot_logits(model, bank, emb["study_v"], dev)
+    logits = zero_shot_logits(model, bank, emb["study_v"], dev, emb.get("study_s"), weights)
     y = emb["labels"].numpy()
     probs = logits.softmax(-1).numpy()
     ids = [s.study_id for s in studies]  # embed_held_out keeps the dataset's order
@@ -169,7 +179,10 @@ def zero_shot_classify(
     context = {"run": str(run_dir), "checkpoint": run.checkpoint.name, "method": "zero-shot from class prompts (stage 1, no fine-tuning)",
                "organ": org.name, "split": split, "study_list": str(study_list), "n_bootstrap": n_bootstrap,
                "text_model": text_cache.model_id,
-               "class_prompts": {c: org.prompts_for(c) for c in org.classes},
+               "prompt_set": str(prompt_spec or org.prompts or "organ class_prompts"),
+               "class_prompts": {c: ps for c, ps in zip(org.classes, bank.class_prompts)},
+               "zero_shot_weights": dataclasses.asdict(weights),
+               "impression_alignment": model.study_alignment,
                "chance_balanced_accuracy": 1.0 / org.num_classes}
     metrics = evaluate_and_report(y, probs, org.classes, out, title=f"{org.name}: zero-shot on the {split} split",
                                   extra=context, n_bootstrap=n_bootstrap)

@@ -177,9 +177,13 @@ class AsymmetricContrastiveLoss(nn.Module):
         return total
 
 
-def build_contrastive_loss(cfg: Mapping[str, Any] | PretrainConfig, model: "MedMAPPretrainModel") -> AsymmetricContrastiveLoss:
-    """The stage-1 loss of a run config (``loss.*``) for ``model``'s modalities."""
+def build_contrastive_loss(cfg: Mapping[str, Any] | PretrainConfig, model: "MedMAPPretrainModel",
+                           study: bool = False) -> AsymmetricContrastiveLoss:
+    """The stage-1 loss of a run config (``loss.*``) for ``model``'s modalities; with ``study``
+    the same loss for the study-impression pairs (one group, no modality weights)."""
     lcfg = pretrain_config(cfg).loss
+    if study:
+        return AsymmetricContrastiveLoss(alpha=lcfg.alpha, min_group_size=lcfg.min_group_size)
     weights = {}
     for name, w in lcfg.modality_weights.items():
         if name not in model.modalities:

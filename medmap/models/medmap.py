@@ -43,10 +43,12 @@ from medmap.errors import CheckpointError, ConfigError, MedMAPError
 from medmap.models.cct import POOLINGS, CrossCognitionTransformer
 from medmap.models.csa import CrossModalSemanticAggregation
 from medmap.models.exchange import CrossSequenceExchange
+from medmap.models.joint import JointSpaceHead, ZeroShotWeights
 from medmap.models.positions import GridPositionEmbedding
 from medmap.run_config import FinetuneConfig, finetune_config
 
 PREDICTION_MODES = ("avg", "cls", "sim")
+SIM_HEADS = ("cct", "joint")
 TOKEN_FUSIONS = ("sequence", "location")
 
 
@@ -83,6 +85,13 @@ class MedMAPModelConfig:
             map receives a zero-initialised 1x1x1 projection of all present sequences' maps
             (:class:`~medmap.models.exchange.CrossSequenceExchange`), so that the sequences
             meet at every scale while each keeps its own encoder.
+        sim_head: the similarity head: ``cct`` (``tau cos(v*, q*_c)``, the paper's form) or
+            ``joint`` (stage 1's zero-shot classifier in its joint space,
+            :class:`~medmap.models.joint.JointSpaceHead`, plus ``gamma tau cos(v*, q*_c)`` with
+            ``gamma`` starting at 0, so that CCT's class tokens refine it as training goes).
+        joint_embed_dim / joint_vision_proj / joint_text_proj / joint_study: the joint head's
+            projections, as in the stage-1 run it starts from.
+        joint_weights: how the joint head weighs the study and sequence parts.
     """
 
     num_heads: int = 4
@@ -102,6 +111,12 @@ class MedMAPModelConfig:
     cct_self_attention: bool = False
     token_fusion: str = "sequence"
     sequence_exchange: bool = False
+    sim_head: str = "cct"
+    joint_embed_dim: int = 128
+    joint_vision_proj: str = "linear"
+    joint_text_proj: str = "mlp"
+    joint_study: bool = True
+    joint_weights: ZeroShotWeights = field(default_factory=ZeroShotWeights)
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_MODES:
@@ -113,6 +128,8 @@ class MedMAPModelConfig:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{self.pooling}'")
         if self.token_fusion not in TOKEN_FUSIONS:
             raise ConfigError(f"model.token_fusion must be one of {', '.join(TOKEN_FUSIONS)}, got {self.token_fusion!r}")
+        if self.sim_head not in SIM_HEADS:
+            raise ConfigError(f"model.sim_head must be one of {', '.join(SIM_HEADS)}, got {self.sim_head!r}")
         if not 1.0 <= self.tau_init <= self.tau_max:
             raise ConfigError(f"model.tau_init must lie in [1, tau_max={self.tau_max}], got {self.tau_init}")
 
@@ -128,10 +145,18 @@ class MedMAPModelConfig:
             pooling=model.pooling, use_text=abl.text, prediction=model.prediction,
             tau_init=model.tau_init, tau_max=model.tau_max, token_positions=model.token_positions,
             token_fusion=model.token_fusion, sequence_exchange=model.sequence_exchange,
+            sim_head=model.sim_head, joint_embed_dim=model.joint.embed_dim, joint_vision_proj=model.joint.vision_proj,
+            joint_text_proj=model.joint.text_proj, joint_study=model.joint.study,
+            joint_weights=ZeroShotWeights(model.joint.zero_shot.study, model.joint.zero_shot.sequences,
+                                          model.joint.zero_shot.negatives),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: What :meth:`MedMAPClassifier._encode` keeps per modality: (index m, rows, tokens Z_m, grid, pooled z_m).
+Encoded = tuple[int, Tensor, Tensor, tuple[int, int, int], Tensor]
 
 
 class TextProjection(nn.Module):
@@ -255,6 +280,12 @@ class MedMAPClassifier(nn.Module):
         self.classifier = nn.Sequential(nn.LayerNorm(d), nn.Dropout(cfg.dropout), nn.Linear(d, c))
         if cfg.use_text:
             self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau_init)))
+        self.joint_head: JointSpaceHead | None = None
+        if cfg.use_text and cfg.sim_head == "joint":
+            assert text_dim is not None
+            self.joint_head = JointSpaceHead(self.modalities, d, text_dim, cfg.joint_embed_dim, cfg.joint_vision_proj,
+                                             cfg.joint_text_proj, cfg.joint_study, weights=cfg.joint_weights)
+            self.joint_refine = nn.Parameter(torch.zeros(()))  # gamma: CCT's class tokens join as training goes
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -302,8 +333,8 @@ class MedMAPClassifier(nn.Module):
         ]
 
     # ------------------------------------------------------------------ forward
-    def _encode(self, images: Tensor, present: Tensor) -> dict[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]]:
-        """``E_m`` of each modality on the studies that have it: name -> (index m, rows, tokens Z_m, grid)."""
+    def _encode(self, images: Tensor, present: Tensor) -> dict[str, Encoded]:
+        """``E_m`` of each modality on the studies that have it: name -> (index m, rows, tokens Z_m, grid, pooled z_m)."""
         if self.exchange is not None:
             return self._encode_exchanging(images, present)
         out = {}
@@ -311,10 +342,10 @@ class MedMAPClassifier(nn.Module):
             idx = present[:, mi].nonzero(as_tuple=True)[0]
             if idx.numel():
                 enc = self.encoders(images[idx, mi : mi + 1], modality=name)
-                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid))
+                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid), enc.pooled)
         return out  # type: ignore[return-value]
 
-    def _encode_exchanging(self, images: Tensor, present: Tensor) -> dict[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]]:
+    def _encode_exchanging(self, images: Tensor, present: Tensor) -> dict[str, Encoded]:
         """As :meth:`_encode`, stage by stage for every study, with the cross-sequence exchange
         between stages (an absent sequence is computed on its zero image and masked out)."""
         assert self.exchange is not None
@@ -329,10 +360,10 @@ class MedMAPClassifier(nn.Module):
             idx = present[:, mi].nonzero(as_tuple=True)[0]
             if idx.numel():
                 enc = encoders[mi].tokens_from(feats[mi][idx])
-                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid))
+                out[name] = (mi, idx, enc.tokens, tuple(int(g) for g in enc.grid), enc.pooled)
         return out  # type: ignore[return-value]
 
-    def _aggregate(self, encoded: Mapping[str, tuple[int, Tensor, Tensor, tuple[int, int, int]]],
+    def _aggregate(self, encoded: Mapping[str, Encoded],
                    class_tokens: Tensor | None, modality_tokens: Tensor | None) -> dict[str, Tensor]:
         """CSA (or the plain projection) of each modality's tokens -> ``A_m`` (rows: studies that have m).
 
@@ -340,7 +371,7 @@ class MedMAPClassifier(nn.Module):
         modality go through it in one call (each row with its own modality index), which is
         much faster on a CPU than one call per modality; the result is the same."""
         items = []
-        for name, (mi, idx, z, grid) in encoded.items():
+        for name, (mi, idx, z, grid, _) in encoded.items():
             if self.positions is not None:
                 z = z + self.positions(grid)
             items.append((name, mi, z, grid))
@@ -397,9 +428,9 @@ class MedMAPClassifier(nn.Module):
             class_tokens, modality_tokens = self.project_text(text_bank)
 
         encoded = self._encode(images, present)
-        tokens_out = {name: z for name, (_, _, z, _) in encoded.items()}
-        grids = {name: grid for name, (_, _, _, grid) in encoded.items()}
-        index_out = {name: idx for name, (_, idx, _, _) in encoded.items()}
+        tokens_out = {name: e[2] for name, e in encoded.items()}
+        grids = {name: e[3] for name, e in encoded.items()}
+        index_out = {name: e[1] for name, e in encoded.items()}
         aggregated = self._aggregate(encoded, class_tokens, modality_tokens)
         visual, padding, per_modality_pooled = [], [], []
         for mi, name in enumerate(self.modalities):
@@ -441,6 +472,9 @@ class MedMAPClassifier(nn.Module):
         logits_sim = None
         if self.cfg.use_text and q_star is not None:
             logits_sim = self.tau * torch.einsum("bd,bcd->bc", F.normalize(v_star, dim=-1), F.normalize(q_star, dim=-1))
+        if self.joint_head is not None:
+            joint = self.joint_head({name: (e[1], e[4]) for name, e in encoded.items()}, present, text_bank)
+            logits_sim = joint if logits_sim is None else joint + self.joint_refine * logits_sim
         probs = combine_head_probabilities(logits_cls, logits_sim, self.cfg.prediction)
         return {
             "logits_cls": logits_cls,

@@ -280,7 +280,7 @@ def test_csa_in_one_call_equals_one_call_per_modality():
     with torch.no_grad():
         encoded = model._encode(images, present)
         batched = model._aggregate(encoded, class_tokens, modality_tokens)
-        for name, (mi, _, z, grid) in encoded.items():
+        for name, (mi, _, z, grid, _) in encoded.items():
             one = model.csa(z, grid, mi, class_tokens, modality_tokens)
             assert torch.allclose(batched[name], one, atol=1e-5), name
 

@@ -148,8 +148,12 @@ def test_text_bank_and_table(tmp_path: Path) -> None:
     cache = TextEmbeddingCache(tmp_path, CountingEncoder())
     liver = load_organ_config("liver")
     bank = build_text_bank(liver, cache)
-    assert bank.class_emb.shape == (7, 2, 8) and bank.class_mask.all()
+    assert bank.class_emb.shape[:2] == (7, 3) and bank.class_emb.shape[2] == 8
+    assert bank.class_mask[0].all() and bank.class_mask.sum(1).min() >= 2  # liver.yaml's prompt set: 2-3 per class
+    assert bank.class_prompts[0][0] == "hepatocellular carcinoma"
     assert bank.modality_emb.shape == (8, 8)
+    assert bank.descriptor_emb.shape[:2] == (7, 8) and bank.descriptor_mask.any(-1).all()
+    assert bank.negative_emb.shape[0] == 7 and bank.negative_mask.any(-1).all()
     assert bank.mean_class_emb().shape == (7, 8)
     torch.testing.assert_close(bank.modality_emb[0], cache.embed([liver.descriptor_for("t2wi")])[0])
 
