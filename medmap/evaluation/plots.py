@@ -165,10 +165,13 @@ def label_efficiency_figure(points: Sequence[tuple[str, float, float]], title: s
         ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label="chance")
-    ax.set_xscale("log")
     xs_all = sorted({x for _, x, _ in points})
+    if xs_all and xs_all[0] == 0:  # a zero-shot point: linear below one label per class, logarithmic above
+        ax.set_xscale("symlog", linthresh=1.0)
+    else:
+        ax.set_xscale("log")
     ax.set_xticks(xs_all)
-    ax.set_xticklabels([f"{x:.0f}" if x >= 10 else f"{x:g}" for x in xs_all])  # all labels: a mean, e.g. 300.6
+    ax.set_xticklabels(["0\n(zero-shot)" if x == 0 else f"{x:.0f}" if x >= 10 else f"{x:g}" for x in xs_all])  # all labels: a mean, e.g. 300.6
     ax.set_xticks([], minor=True)  # a log axis spanning less than a decade would label its minor ticks (6 x 10^0)
     ax.set_xlabel("labelled training studies per class")
     ax.set_ylabel(ylabel)

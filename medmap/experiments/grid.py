@@ -383,6 +383,11 @@ class ExperimentGrid:
             return run_intensity_baseline(self.study_list, self.organ_path(task), d, seed=seed,
                                           n_bootstrap=self.n_bootstrap, workers=int(row.options.get("workers", 1)),
                                           labels_per_class=per_class)
+        if row.kind == "zero_shot":
+            from medmap.engines.zeroshot import zero_shot_classify
+
+            return zero_shot_classify(stage1, self.study_list, task, split="test", n_bootstrap=self.n_bootstrap,
+                                      out_dir=d / "metrics" / "test", device=self.device, prompts=row.options.get("prompts"))
         raise ConfigError(f"row '{row.name}': kind {row.kind!r} is not a run")  # pragma: no cover
 
     def label_efficiency_points(self, results: Sequence[RunResult]) -> dict[str, list[tuple[str, float, float]]]:
@@ -397,7 +402,7 @@ class ExperimentGrid:
             score = res.metrics.get("balanced_accuracy")
             if row is None or score is None:
                 continue
-            x = self.labels_per_class(row, self.regime(res.regime))
+            x = 0 if row.kind == "zero_shot" else self.labels_per_class(row, self.regime(res.regime))
             if x is None:
                 if res.task not in full:
                     from medmap.experiments.baselines import labelled_splits

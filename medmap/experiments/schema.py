@@ -12,6 +12,8 @@ shared stage-1 and stage-2 settings, the grid **rows**, optional label **regimes
 * ``linear_probe``: the CLIP-style linear probe on a frozen stage-1 run (``pretrain:
   shared`` by default);
 * ``intensity``: the intensity-statistics baseline;
+* ``zero_shot``: stage 1's zero-shot classifier on the test split, no labels
+  (:func:`medmap.engines.zeroshot.zero_shot_classify`; ``prompts`` names another prompt set);
 * ``drop_modality``: the test evaluation of a finished ``source`` row with each listed
   modality removed in turn (one table row per modality).
 
@@ -40,7 +42,7 @@ from typing import Any, Mapping, Sequence
 from medmap.config import load_yaml, resolve_config_path
 from medmap.errors import ConfigError
 
-ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "drop_modality")
+ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "zero_shot", "drop_modality")
 TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
             "run", "rows", "regimes", "claims"}
 REGIME_KEYS = {"name", "label", "labels_per_class", "set", "task_set", "rows", "tasks"}
@@ -68,6 +70,8 @@ class Row:
             if not self.ablation.get("pretrained", True):
                 return None
             return "aware" if self.ablation.get("modality_aware", True) else "shared"
+        if self.kind == "zero_shot":
+            return "aware"
         if self.kind == "linear_probe":
             setting = str(self.options.get("pretrain", "shared"))
             if setting not in ("aware", "shared"):

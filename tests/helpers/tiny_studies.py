@@ -43,7 +43,9 @@ def make_tiny_brain_data(root: Path, n: int = 10, n_val: int = 3, n_test: int = 
             paths[m] = p
             findings[m] = f"{m} signal abnormality in the {SIDES[where]} lobe" if tumour else "no abnormality seen"
         split = "test" if i >= n - n_test else ("val" if i >= n - n_test - n_val else "train")
-        studies.append(Study(f"s{i}", f"p{i}", "brain", paths, findings, "imp", "tumour" if tumour else "normal", split))
+        impression = f"intracranial tumour in the {SIDES[where]} lobe" if tumour else "no intracranial tumour"
+        studies.append(Study(f"s{i}", f"p{i}", "brain", paths, findings, impression, "tumour" if tumour else "normal",
+                             split))
     organ = yaml.safe_load((REPO / "medmap/configs/organs/brain.yaml").read_text())
     organ["roi_size"] = [roi, roi, roi]
     organ["spacing"] = [2.5, 2.5, 2.5]
