@@ -129,7 +129,7 @@ class ZeroShotSection:
 
     study: float = 1.0              # the study embedding against impression-style class prompts
     sequences: float = 1.0          # each sequence against its own class descriptors
-    negatives: bool = True          # subtract the negated prompts' similarity (prompt sets that have them)
+    negatives: bool = False         # subtract the negated prompts' similarity (prompt sets that have them; hurt on the liver)
 
 
 @dataclass(frozen=True)
@@ -295,6 +295,9 @@ class DemoStage:
 class DemoTask:
     pretrain: DemoStage = field(default_factory=DemoStage)
     finetune: DemoStage = field(default_factory=DemoStage)
+    labels_per_class: int | None = None  # stage 2 and the baselines learn from this many labelled studies per class
+                                    # (drawn with the seed); null = every training label. Stage 1 reads every report.
+    cnn: dict[str, Any] | None = None  # the early-fusion CNN baseline on the same labels: {net: ..., training: ...}
 
 
 @dataclass(frozen=True)

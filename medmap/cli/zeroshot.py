@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of the study embedding against impression-style prompts (default: the run's eval.zero_shot.study)")
     p.add_argument("--sequence-weight", type=float, default=None,
                    help="weight of each sequence against its own descriptors (default: the run's eval.zero_shot.sequences)")
-    p.add_argument("--no-negatives", action="store_true", help="do not subtract the negated prompts' similarity")
+    p.add_argument("--negatives", choices=["on", "off"], default=None,
+                   help="subtract the negated prompts' similarity from each class's (default: the run's eval.zero_shot.negatives, off)")
     p.set_defaults(func=run)
 
 
@@ -51,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from medmap.engines.zeroshot import read_stage1_run, zero_shot_classify
 
     weights = None
-    if args.study_weight is not None or args.sequence_weight is not None or args.no_negatives:
+    if args.study_weight is not None or args.sequence_weight is not None or args.negatives is not None:
         weights = zero_shot_weights(read_stage1_run(args.run_dir, args.checkpoint).cfg)
         changes = {"study": args.study_weight, "sequences": args.sequence_weight,
-                   "negatives": False if args.no_negatives else None}
+                   "negatives": None if args.negatives is None else args.negatives == "on"}
         weights = dataclasses.replace(weights, **{k: v for k, v in changes.items() if v is not None})
     m = zero_shot_classify(args.run_dir, args.data, args.organ, split=args.split, which=args.checkpoint,
                            n_bootstrap=args.bootstrap, batch_size=args.batch_size, out_dir=args.out, device=args.device,

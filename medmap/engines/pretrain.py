@@ -320,6 +320,11 @@ def evaluate_pretraining(
     model.train(was_training)
     r = {k: v for k, v in result["retrieval"].items() if not k.endswith(" impression")}  # the mean is over sequences
     if r:
+        # checkpoints/best: v2t R@5, the mean over the sequences and (with the impression alignment) the studies
+        parts = [float(np.mean([x["v2t_R@5"] for x in r.values()]))] if all("v2t_R@5" in x for x in r.values()) else []
+        parts += [x["v2t_R@5"] for k, x in result["retrieval"].items() if k.endswith(" impression") and "v2t_R@5" in x]
+        if parts:
+            result["select_v2t_R@5"] = float(np.mean(parts))
         for k in ks:
             for direction in ("v2t", "t2v"):
                 result[f"mean_{direction}_R@{k}"] = float(np.mean([x[f"{direction}_R@{k}"] for x in r.values()]))
@@ -442,7 +447,7 @@ def run_pretraining(
         scheduler = warmup_cosine_schedule(optimizer, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio)
         plan = LoopPlan(total_steps, steps_per_epoch, seed, precision=tcfg.precision, grad_clip=tcfg.grad_clip,
                         log_every=max(1, cfg.run.log_every), validate_every_steps=cfg.eval.every_steps,
-                        ckpt_every_steps=tcfg.ckpt_every_steps, select_metric="mean_v2t_R@5")
+                        ckpt_every_steps=tcfg.ckpt_every_steps, select_metric="select_v2t_R@5")
         loop = TrainingLoop(run_dir, raw, model, optimizer, scheduler, plan, info, progress=cfg.run.progress)
         logger = loop.start(last)
         train_model: nn.Module = model
@@ -469,8 +474,11 @@ def run_pretraining(
                 return None
             metrics = evaluate_pretraining(model, data, cfg, info.device, pcache)
             final.update(metrics, step=loop.step)  # the last one is the final model's
-            return Validation(metrics.get("mean_v2t_R@5", -math.inf),
-                              {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k})
+            logs = {k: v for k, v in metrics.items() if k.startswith("mean_") and "chance" not in k}
+            for organ_name, z in metrics.get("zero_shot", {}).items():  # logged, never selected on
+                if z.get("balanced_accuracy") is not None:
+                    logs[f"zero_shot_{organ_name}_balanced_accuracy"] = z["balanced_accuracy"]
+            return Validation(metrics.get("select_v2t_R@5", -math.inf), logs)
 
         t0 = time.time()
         num_workers = cfg.run.num_workers

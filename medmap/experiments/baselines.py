@@ -90,6 +90,7 @@ def _report(studies: Sequence[Study], y: np.ndarray, p: np.ndarray, organ: Organ
     metrics = evaluate_and_report(y, p, organ.classes, out, title=f"{organ.name}: {title} ({split})",
                                   extra={"split": split, **extra}, n_bootstrap=n_bootstrap if split == "test" else 0)
     write_predictions(out / "predictions.csv", [s.study_id for s in studies], y, p, organ.classes)
+    metrics["output_dir"] = str(out)
     return metrics
 
 

@@ -369,7 +369,11 @@ class ExperimentGrid:
         if row.kind == "cnn":
             from medmap.experiments.baselines import run_cnn_baseline
 
-            return run_cnn_baseline(self.cnn_config(task, row, seed, regime), self.study_list, d, self.n_bootstrap)
+            labels = row.options.get("labels", "given")
+            if labels not in ("given", "mined"):
+                raise ConfigError(f"row '{row.name}': labels must be 'given' or 'mined', got {labels!r}")
+            study_list = self.mined_study_list(task) if labels == "mined" else self.study_list
+            return run_cnn_baseline(self.cnn_config(task, row, seed, regime), study_list, d, self.n_bootstrap)
         if row.kind == "linear_probe":
             from medmap.experiments.baselines import run_linear_probe
 
@@ -389,6 +393,30 @@ class ExperimentGrid:
             return zero_shot_classify(stage1, self.study_list, task, split="test", n_bootstrap=self.n_bootstrap,
                                       out_dir=d / "metrics" / "test", device=self.device, prompts=row.options.get("prompts"))
         raise ConfigError(f"row '{row.name}': kind {row.kind!r} is not a run")  # pragma: no cover
+
+    def mined_study_list(self, task: str) -> Path:
+        """The study list with every training study of ``task`` labelled from its impression by the
+        nearest class prompt in the frozen text space (:func:`medmap.text.mining.mine_labels`);
+        val and test keep their labels. Written once, with ``mined_labels.json`` next to it."""
+        from medmap.data.cache import default_cache_root
+        from medmap.data.split import patient_splits
+        from medmap.data.studylist import read_study_list, write_study_list
+        from medmap.run_config import finetune_config as typed_finetune_config
+        from medmap.text.cache import run_text_cache
+        from medmap.text.mining import mine_labels
+
+        path = self.out / "data" / f"studies_mined_{task}.jsonl"
+        if path.is_file():
+            return path
+        organ = self.organ_config(task)
+        studies = patient_splits(read_study_list(self.study_list, organ=organ.name))
+        train = [s for s in studies if s.split == "train"]
+        text = typed_finetune_config(self.finetune_config(task, self.rows[0], 0)).text
+        mined, report = mine_labels(train, organ, run_text_cache(text, default_cache_root(self.study_list) / "text"))
+        by_id = {s.study_id: s for s in mined}
+        out = [by_id.get(s.study_id, s) for s in studies]
+        atomic_write_json(path.with_name(f"mined_labels_{task}.json"), report)
+        return write_study_list(out, path)
 
     def label_efficiency_points(self, results: Sequence[RunResult]) -> dict[str, list[tuple[str, float, float]]]:
         """Per task, ``(curve, labelled studies per class, balanced accuracy)`` of every finished run of

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmap.errors import CheckpointError
+from medmap.models.pretrain import build_projection  # the same layers as stage 1
+
 
 @dataclass(frozen=True)
 class ZeroShotWeights:
@@ -42,7 +45,7 @@ class ZeroShotWeights:
 
     study: float = 1.0        # w_study: the study embedding against impression-style prompts
     sequences: float = 1.0    # w_seq: each sequence against its own class descriptors
-    negatives: bool = True    # subtract the negated prompts' similarity (when the prompt set has them)
+    negatives: bool = False   # subtract the negated prompts' similarity (when the prompt set has them)
 
 
 @dataclass
@@ -151,11 +154,9 @@ class JointSpaceHead(nn.Module):
                  text_proj: str = "mlp", study: bool = True, init_logit_scale: float = 1 / 0.07,
                  max_logit_scale: float = 100.0, weights: ZeroShotWeights = ZeroShotWeights()) -> None:
         super().__init__()
-        from medmap.models.pretrain import _projection  # noqa: PLC0415 - the same layers as stage 1
-
         self.modalities = list(modalities)
-        self.vision_proj = nn.ModuleDict({m: _projection(dim, embed_dim, vision_proj) for m in self.modalities})
-        self.text_proj = _projection(text_dim, embed_dim, text_proj)
+        self.vision_proj = nn.ModuleDict({m: build_projection(dim, embed_dim, vision_proj) for m in self.modalities})
+        self.text_proj = build_projection(text_dim, embed_dim, text_proj)
         self.log_temperature = nn.Parameter(torch.full((len(self.modalities),), math.log(init_logit_scale)))
         self.max_log_temperature = math.log(max_logit_scale)
         self.study = study
@@ -198,8 +199,6 @@ def load_joint_head(head: JointSpaceHead, state_dict: Mapping[str, Tensor], stag
             another shape (a stage-1 run with other projections or without the impression
             alignment: set ``model.joint`` to match it).
     """
-    from medmap.errors import CheckpointError  # noqa: PLC0415
-
     own = head.state_dict()
     new = dict(own)
     for key in own:

@@ -286,6 +286,9 @@ class MedMAPClassifier(nn.Module):
             self.joint_head = JointSpaceHead(self.modalities, d, text_dim, cfg.joint_embed_dim, cfg.joint_vision_proj,
                                              cfg.joint_text_proj, cfg.joint_study, weights=cfg.joint_weights)
             self.joint_refine = nn.Parameter(torch.zeros(()))  # gamma: CCT's class tokens join as training goes
+            # the classifier starts uniform, so that before any step the prediction is the zero-shot one
+            nn.init.zeros_(self.classifier[-1].weight)
+            nn.init.zeros_(self.classifier[-1].bias)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -36,7 +36,7 @@ from medmap.models.encoders import build_encoders
 from medmap.run_config import PretrainConfig, pretrain_config
 
 
-def _projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+def build_projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
@@ -85,8 +85,8 @@ class MedMAPPretrainModel(nn.Module):
             raise ConfigError("init_logit_scale must lie in [1, max_logit_scale]")
         self.encoders = build_encoders(arch, {m: tuple(roi_sizes[m]) for m in self.modalities}, shared=shared_encoder)
         d = self.encoders.dim
-        self.vision_proj = nn.ModuleDict({m: _projection(d, embed_dim, vision_proj) for m in self.modalities})
-        self.text_proj = _projection(text_dim, embed_dim, text_proj)
+        self.vision_proj = nn.ModuleDict({m: build_projection(d, embed_dim, vision_proj) for m in self.modalities})
+        self.text_proj = build_projection(text_dim, embed_dim, text_proj)
         self.log_temperature = nn.Parameter(torch.full((len(self.modalities),), math.log(init_logit_scale)))
         self.max_log_temperature = math.log(max_logit_scale)
         self.embed_dim = embed_dim

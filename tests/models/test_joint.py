@@ -42,7 +42,7 @@ def test_parts_of_the_zero_shot_score() -> None:
     seq, study = _unit(4, m, k, seed=5), _unit(4, k, seed=6)
     present = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
     scale = torch.tensor([10.0, 20.0])
-    only_study = joint_logits(seq, present, study, text, scale, 5.0, ZeroShotWeights(sequences=0.0))
+    only_study = joint_logits(seq, present, study, text, scale, 5.0, ZeroShotWeights(sequences=0.0, negatives=True))
     torch.testing.assert_close(only_study, 5.0 * (study @ text.study.t() - study @ text.negative.t()))
     no_neg = joint_logits(seq, present, study, text, scale, 5.0, ZeroShotWeights(sequences=0.0, negatives=False))
     torch.testing.assert_close(no_neg, 5.0 * study @ text.study.t())
@@ -50,7 +50,7 @@ def test_parts_of_the_zero_shot_score() -> None:
     # only sequence 0 is described: rows with it score 10 cos(v_0, D_c0); row 2 lacks it and scores 0
     expected = 10.0 * seq[:, 0] @ text.per_sequence[:, 0].t() * present[:, :1]
     torch.testing.assert_close(only_seq, expected)
-    both = joint_logits(seq, present, study, text, scale, 5.0, ZeroShotWeights(study=0.5, sequences=2.0))
+    both = joint_logits(seq, present, study, text, scale, 5.0, ZeroShotWeights(study=0.5, sequences=2.0, negatives=True))
     torch.testing.assert_close(both, 0.5 * only_study + 2.0 * only_seq)
 
 
@@ -97,7 +97,7 @@ def test_stage2_joint_head_starts_as_stage1_zero_shot(study: bool) -> None:
     bank = _bank(organ)
     pre = _stage1(organ, study)
     cfg = MedMAPModelConfig(num_heads=2, mlp_ratio=2.0, dropout=0.0, sim_head="joint", joint_embed_dim=8,
-                            joint_study=study, prediction="sim")
+                            joint_study=study)  # prediction avg: the zero-initialised classifier adds a uniform half
     model = MedMAPClassifier(organ, make_encoders(organ), TEXT_DIM, cfg)
     model.encoders.load_state_dict(pre.encoders.state_dict())
     load_joint_head(model.joint_head, pre.state_dict(), list(organ.modalities))
@@ -115,7 +115,10 @@ def test_stage2_joint_head_starts_as_stage1_zero_shot(study: bool) -> None:
         s = [pre.encode_study(pooled, 4)[0]] if study else None
         ref = zero_shot_logits(pre, bank, [(vs, present)], torch.device("cpu"), s)
     torch.testing.assert_close(out["logits_sim"], ref, atol=1e-5, rtol=1e-5)  # gamma = 0: CCT adds nothing yet
-    torch.testing.assert_close(out["probs"], ref.softmax(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits_cls"], torch.zeros_like(out["logits_cls"]))
+    uniform = torch.full_like(ref, 1 / 3)
+    torch.testing.assert_close(out["probs"], 0.5 * (ref.softmax(-1) + uniform), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["probs"].argmax(1), ref.argmax(1))
 
 
 def test_joint_head_load_refuses_other_projections() -> None:
