@@ -153,7 +153,7 @@ def label_efficiency_plot(points: Sequence[tuple[str, float, float]], path: str 
 def label_efficiency_figure(points: Sequence[tuple[str, float, float]], title: str = "Label efficiency",
                             chance: float | None = None, ylabel: str = "balanced accuracy (test)") -> Figure:
     """The figure of :func:`label_efficiency_plot`, not yet written."""
-    fig = Figure(figsize=(6.0, 4.2))
+    fig = Figure(figsize=(8.6, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     methods = list(dict.fromkeys(m for m, _, _ in points))
@@ -178,7 +178,7 @@ def label_efficiency_figure(points: Sequence[tuple[str, float, float]], title: s
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the curves meet low right
     fig.tight_layout()
     return fig
 

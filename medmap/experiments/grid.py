@@ -157,6 +157,8 @@ class ExperimentGrid:
         name = name[scope] if isinstance(name, Mapping) else name
         cfg = load_config(name, "pretrain", list(p.get("overrides") or []))
         cfg = deep_merge(cfg, p.get("set") or {})
+        if scope:  # a stage-1 run per task: the task's own settings on top
+            cfg = deep_merge(cfg, (p.get("task_set") or {}).get(scope) or {})
         cfg["data"]["organs"] = [str(self.organ_path(t)) for t in ([scope] if scope else self.tasks)]
         if self._arch() is not None:
             cfg["encoder"]["arch"] = copy.deepcopy(self._arch())

@@ -22,7 +22,8 @@ A row with ``labels_per_class: N`` trains on N labelled studies per class of the
 rows into one line of the label-efficiency plot. A regime (:class:`Regime`) runs every row,
 or the rows it lists, once more with its own label budget and stage-2 settings.
 ``pretrain: {seed: S}`` makes every seed start from the one stage-1 run of seed S;
-``pretrain: {config: {task: name}}`` gives each task its own stage-1 run.
+``pretrain: {config: {task: name}}`` gives each task its own stage-1 run, and
+``pretrain: {task_set: {task: {...}}}`` that run its own settings.
 ``pretrain: {run: PATH}`` (``{run: {task: PATH}}`` with per-task stage-1 runs; ``medmap
 experiment --stage1 [TASK=]PATH``) takes a finished ``medmap pretrain`` run as the
 modality-aware stage 1 of every seed instead of training one.
@@ -46,7 +47,7 @@ ROW_KINDS = ("medmap", "cnn", "linear_probe", "intensity", "zero_shot", "drop_mo
 TOP_KEYS = {"name", "description", "tasks", "seeds", "data", "organs", "encoder", "pretrain", "finetune", "evaluate",
             "run", "rows", "regimes", "claims"}
 REGIME_KEYS = {"name", "label", "labels_per_class", "set", "task_set", "rows", "tasks"}
-PRETRAIN_KEYS = {"config", "overrides", "set", "seed", "run"}
+PRETRAIN_KEYS = {"config", "overrides", "set", "task_set", "seed", "run"}
 
 
 @dataclass(frozen=True)
